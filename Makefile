@@ -1,0 +1,40 @@
+# Every public target sets itself up first: a fresh machine needs only Python 3.11 and make.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+DEEPSPEED_VERSION := 0.19.8
+export DS_ACCELERATOR ?= cpu
+# DeepSpeed JIT-builds ops with gcc; keep the build cache with the venv so it happens once.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first (the local CPU wheel), then DeepSpeed without build isolation (its build
+# imports torch; isolation would pull a CUDA torch), then the package and test extras.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m raytron.demo
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

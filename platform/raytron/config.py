@@ -1,0 +1,306 @@
+"""Typed, strict run configuration: one class per component, loaded from YAML.
+
+Unknown keys, wrong types and impossible combinations fail at load time with the
+dotted path of the offending field and what is allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+VOCAB_PAD_MULTIPLE = 128
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every offending field."""
+
+
+class Section(BaseModel):
+    """Base for every config class: strict keys, field docstrings become descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    flavour: Literal["gpt", "llama"] = "gpt"
+    """Architecture: 'gpt' (MT-NLG/GPT-3: learned positions, LayerNorm, GELU, biases, tied head) or 'llama' (RoPE, RMSNorm, SwiGLU, no biases, untied head)."""
+    vocab_size: PositiveInt = 8192
+    """Tokenizer vocabulary size; the embedding is padded to a multiple of 128 x parallel.tp."""
+    hidden_size: PositiveInt = 256
+    """Width of the residual stream."""
+    num_layers: PositiveInt = 4
+    """Number of transformer blocks."""
+    num_heads: PositiveInt = 4
+    """Attention heads per block; must divide hidden_size."""
+    ffn_hidden_size: PositiveInt | None = None
+    """MLP inner width; default 4 x hidden (gpt) or 8/3 x hidden rounded up to 64 (llama)."""
+    max_position_embeddings: PositiveInt = 1024
+    """Longest sequence the model supports (size of the position table / RoPE range)."""
+    hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on embeddings and block outputs (training only)."""
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities (training only)."""
+    norm_epsilon: float = Field(1e-5, gt=0.0)
+    """Epsilon of LayerNorm / RMSNorm."""
+    init_std: float = Field(0.02, gt=0.0)
+    """Std of the normal init; output projections use init_std / sqrt(2 x num_layers)."""
+    rope_theta: float = Field(10000.0, gt=0.0)
+    """RoPE base frequency (llama only)."""
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if self.flavour == "gpt":
+            return 4 * self.hidden_size
+        return _round_up(8 * self.hidden_size // 3, 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def padded_vocab(self, tp: int) -> int:
+        """Vocab rounded up so each TP shard is a multiple of 128 rows (Megatron's rule)."""
+        return _round_up(self.vocab_size, VOCAB_PAD_MULTIPLE * tp)
+
+
+class ParallelConfig(Section):
+    dp: PositiveInt = 1
+    """Data-parallel degree (ZeRO shards optimizer state across it)."""
+    pp: PositiveInt = 1
+    """Pipeline-parallel degree; must divide model.num_layers."""
+    tp: PositiveInt = 1
+    """Tensor-parallel degree; must divide model.num_heads."""
+    zero_stage: int = Field(1, ge=0, le=3)
+    """DeepSpeed ZeRO stage (0-3); with pp > 1 only 0 or 1."""
+
+
+class ResourcesConfig(Section):
+    num_workers: PositiveInt | None = None
+    """Ray Train workers; default dp x pp x tp, and if given it must equal that product."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    """GPUs per worker; 0 trains on CPU with gloo, > 0 on GPU with nccl."""
+
+
+class TrainConfig(Section):
+    seq_len: PositiveInt = 128
+    """Tokens per training sequence; at most model.max_position_embeddings."""
+    micro_batch_size: PositiveInt = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    grad_accum_steps: PositiveInt = 1
+    """Micro-batches per optimizer step (pipeline micro-batches when pp > 1)."""
+    steps: PositiveInt = 100
+    """Optimizer steps to run."""
+    lr: float = Field(3e-4, gt=0.0)
+    """Peak learning rate."""
+    min_lr: float = Field(3e-5, ge=0.0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(10, ge=0)
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clip; 0 disables."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 needs a GPU."""
+    seed: int = 1234
+    """Seed for init, dropout and data order."""
+    log_every: PositiveInt = 10
+    """Print/log metrics every N steps."""
+    eval_every: int = Field(0, ge=0)
+    """Validation every N steps; 0 disables."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Checkpoint every N steps; 0 checkpoints only at the end."""
+    keep_checkpoints: PositiveInt = 3
+    """How many most recent checkpoints to keep."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    threads: int = Field(0, ge=0)
+    """torch intra-op threads per process; 0 keeps torch's default."""
+
+
+class DataConfig(Section):
+    source: str = "demo"
+    """Corpus URL (local path or s3://bucket/prefix), or 'demo' for the built-in docstring corpus."""
+    tokenizer: str | None = None
+    """Path/URL of a tokenizer.json; default trains one on the corpus."""
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of documents held out for validation."""
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite under ./mlruns."""
+    experiment: str = "raytron"
+    """MLflow experiment name."""
+    registered_model_name: str = "raytron-gpt"
+    """Model name in the MLflow registry for exports."""
+
+
+class RaytronConfig(Section):
+    """A whole run: model, parallel layout, resources, training, data, tracking."""
+
+    name: str = "raytron"
+    """Run name (used for MLflow runs and checkpoint folders)."""
+    model: ModelConfig = ModelConfig()
+    """The network."""
+    parallel: ParallelConfig = ParallelConfig()
+    """The (dp, pp, tp) layout."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Ray resources per worker."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and schedule."""
+    data: DataConfig = DataConfig()
+    """Corpus and tokenizer."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow."""
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.pp * self.parallel.tp
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.model.padded_vocab(self.parallel.tp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Stable hash of the resolved config (MLflow tag, checkpoint metadata)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _cross_field_problems(cfg: RaytronConfig) -> list[str]:
+    """Combinations that are each valid alone but cannot run together."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    problems = []
+    if m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size: {m.hidden_size} must be divisible by model.num_heads ({m.num_heads})")
+    if m.num_heads % p.tp:
+        problems.append(f"model.num_heads: {m.num_heads} must be divisible by parallel.tp ({p.tp})")
+    if m.ffn_size % p.tp:
+        problems.append(f"model.ffn_hidden_size: {m.ffn_size} must be divisible by parallel.tp ({p.tp})")
+    if m.num_layers % p.pp:
+        problems.append(f"model.num_layers: {m.num_layers} must be divisible by parallel.pp ({p.pp})")
+    if m.flavour == "llama" and m.head_dim % 2:
+        problems.append(f"model.hidden_size: head dim {m.head_dim} must be even for RoPE (flavour llama)")
+    if t.seq_len > m.max_position_embeddings:
+        problems.append(
+            f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings ({m.max_position_embeddings})"
+        )
+    if p.pp > 1 and p.zero_stage > 1:
+        problems.append(f"parallel.zero_stage: {p.zero_stage} is not supported with pipeline parallelism; use 0 or 1")
+    workers = cfg.resources.num_workers
+    if workers is not None and workers != cfg.world_size:
+        problems.append(
+            f"resources.num_workers: {workers} must equal parallel.dp x pp x tp "
+            f"({p.dp} x {p.pp} x {p.tp} = {cfg.world_size})"
+        )
+    if t.min_lr > t.lr:
+        problems.append(f"train.min_lr: {t.min_lr} must not exceed train.lr ({t.lr})")
+    if t.precision == "fp16" and cfg.resources.gpus_per_worker == 0:
+        problems.append("train.precision: fp16 needs a GPU (resources.gpus_per_worker > 0); use fp32 or bf16 on CPU")
+    return problems
+
+
+def _format_validation_error(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (allowed: {_allowed_keys(item['loc'])})")
+        else:
+            lines.append(f"{path}: {item['msg']} (got {item.get('input')!r})")
+    return lines
+
+
+def _allowed_keys(loc: tuple) -> str:
+    section: type[BaseModel] = RaytronConfig
+    for part in loc[:-1]:
+        annotation = section.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        section = annotation
+    return ", ".join(section.model_fields)
+
+
+def build_config(raw: dict[str, Any], source: str = "<dict>") -> RaytronConfig:
+    """Validate a raw mapping; raise ConfigError naming every bad field."""
+    try:
+        cfg = RaytronConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_report(source, _format_validation_error(error))) from None
+    problems = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(_report(source, problems))
+    return cfg
+
+
+def _report(source: str, lines: list[str]) -> str:
+    return f"invalid config {source}:\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=c`` override in place; the value is parsed as YAML (so 2, true, [1,2] work)."""
+    path, sep, value = assignment.partition("=")
+    if not sep or not path:
+        raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+    *parents, leaf = path.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
+    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read config {source}: {error.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {source} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {source}: top level must be a mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return build_config(raw, source)
+
+
+def schema_rows(section: type[BaseModel] = RaytronConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted path, type, default, doc) for every leaf field, depth first."""
+    rows = []
+    for name, field in section.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(schema_rows(annotation, f"{path}."))
+            continue
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        rows.append((path, type_name, repr(field.default), field.description or ""))
+    return rows

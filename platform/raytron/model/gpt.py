@@ -1,0 +1,198 @@
+"""GPT decoder in two flavours, built from a LayerFactory.
+
+``gpt``: MT-NLG / GPT-3 — learned absolute positions, pre-LayerNorm, GELU MLP, biases,
+tied input/output embedding. ``llama``: RoPE, RMSNorm, SwiGLU, no biases, untied head.
+
+The model is split into ``Embedding``, ``Block`` and ``Head`` so pipeline stages can be
+cut between blocks. With ``SerialLayers`` it is plain PyTorch; with tensor-parallel layers
+each rank holds ``num_heads / tp`` heads and a ``1 / tp`` slice of the MLP and vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytron.config import ModelConfig
+from raytron.model.kv_cache import KVCache
+from raytron.model.layer_factory import LayerFactory, SerialLayers
+from raytron.model.rope import apply_rope, rope_cos_sin
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.flavour == "gpt":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, padded_vocab: int):
+        super().__init__()
+        self.tokens = layers.embedding(padded_vocab, cfg.hidden_size)
+        # Position table is small and replicated on every TP rank.
+        self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.flavour == "gpt" else None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.tokens(tokens)  # (B, T, h)
+        if self.positions is not None:
+            hidden = hidden + self.positions(positions)
+        return self.dropout(hidden)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_index: int):
+        super().__init__()
+        self.local_heads = cfg.num_heads // layers.tp_size
+        self.head_dim = cfg.head_dim
+        self.layer_index = layer_index
+        self.use_rope = cfg.flavour == "llama"
+        self.rope_theta = cfg.rope_theta
+        self.dropout = cfg.attention_dropout
+        self.sharded_rng = layers.sharded_rng
+        bias = cfg.flavour == "gpt"
+        self.qkv = layers.column(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias, parts=3)
+        self.proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
+                slots: torch.Tensor | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.local_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hd)
+        if self.use_rope:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)  # (B, T, hd)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dropout = self.dropout if self.training else 0.0
+        with self.sharded_rng():
+            if cache is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            else:
+                span = int(positions.max()) + 1
+                k, v = cache.update(self.layer_index, slots, positions, k, v, span)  # (B, nh, S, hd)
+                key_positions = torch.arange(span, device=x.device)
+                mask = key_positions[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = out.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim)  # (B, T, h/tp)
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory):
+        super().__init__()
+        self.gated = cfg.flavour == "llama"
+        bias = not self.gated
+        parts = 2 if self.gated else 1
+        # llama fuses gate|up into one column-parallel matmul
+        self.up = layers.column(cfg.hidden_size, parts * cfg.ffn_size, bias=bias, parts=parts)
+        self.down = layers.row(cfg.ffn_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.up(x)  # (B, T, parts * f/tp)
+        if self.gated:
+            gate, up = up.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(up, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_index: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layers, layer_index)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg, layers)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), positions, cache, slots))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class Head(nn.Module):
+    """Final norm and output projection; ``tied`` heads project with the token embedding."""
+
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory, padded_vocab: int):
+        super().__init__()
+        self.norm = make_norm(cfg)
+        self.layers = layers
+        self.output = None if cfg.flavour == "gpt" else layers.column(cfg.hidden_size, padded_vocab, bias=False)
+
+    def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.output is None:
+            return self.layers.tied_logits(x, tied_weight)  # (B, T, V/tp)
+        return self.output(x)  # (B, T, V/tp)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: LayerFactory | None = None, padded_vocab: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = layers or SerialLayers()
+        self.padded_vocab = padded_vocab or cfg.padded_vocab(self.layers.tp_size)
+        self.embed = Embedding(cfg, self.layers, self.padded_vocab)
+        self.blocks = nn.ModuleList(Block(cfg, self.layers, i) for i in range(cfg.num_layers))
+        self.head = Head(cfg, self.layers, self.padded_vocab)
+
+    @property
+    def tied(self) -> bool:
+        return self.head.output is None
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V/tp). ``positions`` (B, T) default 0..T-1;
+        with a ``cache`` keys/values are stored and read per slot."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed(tokens, positions)  # (B, T, h)
+        for block in self.blocks:
+            x = block(x, positions, cache, slots)
+        return self.head(x, self.embed.tokens.weight if self.tied else None)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.layers.loss(logits, targets)
+
+    def new_cache(self, slots: int, max_len: int) -> KVCache:
+        weight = self.embed.tokens.weight
+        local_heads = self.cfg.num_heads // self.layers.tp_size
+        return KVCache(self.cfg.num_layers, slots, local_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> None:
+        """Megatron init: N(0, init_std) weights, output projections N(0, init_std / sqrt(2L)),
+        zero biases, unit norms. Sharded weights draw from the TP rank's own stream."""
+        std = self.cfg.init_std
+        scaled_std = std / math.sqrt(2 * self.cfg.num_layers)
+        torch.manual_seed(seed)
+        if self.embed.positions is not None:  # replicated: same stream on every TP rank
+            nn.init.normal_(self.embed.positions.weight, std=std)
+        with self.layers.sharded_rng():
+            for name, param in self.named_parameters():
+                if name == "embed.positions.weight":
+                    continue
+                if name.endswith("bias"):
+                    nn.init.zeros_(param)
+                elif "norm" in name:
+                    nn.init.ones_(param)
+                elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(param, std=scaled_std)
+                else:
+                    nn.init.normal_(param, std=std)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, layers: LayerFactory | None = None,
+                padded_vocab: int | None = None) -> GPT:
+    model = GPT(cfg, layers, padded_vocab)
+    model.reset_parameters(seed)
+    return model
+
+
+def count_parameters(cfg: ModelConfig, tp: int = 1) -> int:
+    """Exact parameter count of the TP=1 model, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(cfg, padded_vocab=cfg.padded_vocab(tp))
+    return sum(p.numel() for p in model.parameters())

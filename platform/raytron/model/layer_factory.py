@@ -1,0 +1,69 @@
+"""Where the model gets its matmul layers from.
+
+The model is written once against this interface; ``SerialLayers`` gives plain
+PyTorch layers, ``raytron.parallel.TensorParallelLayers`` gives Megatron-style
+sharded ones. Everything distribution-specific sits behind these few methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerFactory(Protocol):
+    tp_size: int
+    """How many ways heads, MLP width and vocab are split."""
+
+    def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
+        """Token embedding: ids (B, T) -> (B, T, dim), replicated output."""
+
+    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
+        """Linear whose output features are split across ranks. ``parts`` equal segments of the
+        output (fused q|k|v, gate|up) are each split, so a rank holds its slice of every part."""
+
+    def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
+        """Linear whose input features are split across ranks; output is full and replicated."""
+
+    def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        """(B, T, h) x embedding (V_local, h) -> logits (B, T, V_local)."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy of (possibly vocab-sharded) logits (B, T, V_local) vs targets (B, T)."""
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, T, V_local) -> (B, T, V), for sampling."""
+
+    def sharded_rng(self) -> ContextManager:
+        """RNG context for randomness on sharded tensors (init of shards, attention dropout)."""
+
+
+class SerialLayers:
+    """Plain single-device layers."""
+
+    tp_size = 1
+
+    def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
+        return nn.Embedding(num_embeddings, dim)
+
+    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, embedding_weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def sharded_rng(self) -> ContextManager:
+        return contextlib.nullcontext()

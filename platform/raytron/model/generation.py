@@ -1,0 +1,101 @@
+"""Batched KV-cache generation for prompts of different lengths.
+
+Prefill runs all prompts right-padded in one forward pass; each sequence keeps its own
+position, so padding never enters attention (keys beyond a query's position are masked)
+and a prompt gets the same tokens alone or in a batch. Decode then feeds one token per
+sequence per step until every sequence has hit EOS, a stop string or its token limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from raytron.model.gpt import GPT
+from raytron.model.sampling import SamplingParams, choose_tokens
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    """Generated token ids (prompt excluded; EOS excluded)."""
+    finish_reason: Literal["stop", "length"]
+    """'stop' on EOS or a stop string, 'length' at max_new_tokens."""
+    text: str | None = None
+    """Decoded text, cut before a stop string (only when a decoder is given)."""
+
+
+class _Sequence:
+    """Progress of one sequence through generation."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams):
+        self.params = params
+        self.generator = params.generator()
+        self.position = prompt_len  # where the next token goes
+        self.tokens: list[int] = []
+        self.done: Completion | None = None
+
+    def accept(self, token: int, eos_id: int | None, decode: Callable[[list[int]], str] | None) -> None:
+        if token == eos_id:
+            self.done = Completion(self.tokens, "stop", decode(self.tokens) if decode else None)
+            return
+        self.tokens.append(token)
+        self.position += 1
+        text = decode(self.tokens) if decode else None
+        if text is not None and self.params.stop:
+            cut = min((text.find(s) for s in self.params.stop if s in text), default=-1)
+            if cut >= 0:
+                self.done = Completion(self.tokens, "stop", text[:cut])
+                return
+        if len(self.tokens) >= self.params.max_new_tokens:
+            self.done = Completion(self.tokens, "length", text)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Rows added to pad the embedding are never valid tokens."""
+    logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             eos_id: int | None = None, decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"params: expected one per prompt ({len(prompts)}), got {len(params)}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: every prompt needs at least one token")
+    max_len = max(len(p) + sp.max_new_tokens for p, sp in zip(prompts, params))
+    if max_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} exceeds the context window "
+                         f"({model.cfg.max_position_embeddings})")
+    model.eval()
+    device = model.embed.tokens.weight.device
+    batch = len(prompts)
+    sequences = [_Sequence(len(p), sp) for p, sp in zip(prompts, params)]
+    cache = model.new_cache(batch, max_len)
+
+    longest = max(len(p) for p in prompts)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)  # (B, T) right-padded
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt)] = torch.tensor(prompt)
+    positions = torch.arange(longest, device=device).expand(batch, longest)
+    logits = model.layers.gather_logits(model(tokens, positions, cache))  # (B, T, V)
+    last_index = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    next_logits = logits[torch.arange(batch, device=device), last_index]  # (B, V)
+
+    while True:
+        next_logits = mask_padded_vocab(next_logits, model.cfg.vocab_size)
+        chosen = choose_tokens(next_logits, params, [s.generator for s in sequences]).tolist()
+        for sequence, token in zip(sequences, chosen):
+            if sequence.done is None:
+                sequence.accept(token, eos_id, decode)
+        if all(s.done is not None for s in sequences):
+            return [s.done for s in sequences]
+        # finished sequences keep a slot but stay at their position, so their writes stay in bounds
+        step_tokens = torch.tensor([[s.tokens[-1] if s.tokens else 0] for s in sequences], device=device)  # (B, 1)
+        step_positions = torch.tensor([[min(s.position - 1, max_len - 1)] for s in sequences], device=device)  # (B, 1)
+        next_logits = model.layers.gather_logits(model(step_tokens, step_positions, cache))[:, -1]  # (B, V)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -301,6 +302,24 @@ def schema_rows(section: type[BaseModel] = RaytronConfig, prefix: str = "") -> l
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(schema_rows(annotation, f"{path}."))
             continue
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        rows.append((path, type_name, repr(field.default), field.description or ""))
+        rows.append((path, _type_name(annotation), repr(field.default), field.description or ""))
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    """Readable type for --schema: Literal choices and Optional's inner type stay visible."""
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(choice) for choice in args)
+    if origin is Annotated:  # PositiveInt and friends: the constraint is in the doc
+        return _type_name(args[0])
+    if origin is None or not args:
+        return str(annotation).replace("typing.", "")
+    inner = [_type_name(arg) for arg in args]
+    if origin in (Union, UnionType):
+        return " | ".join(inner)
+    return f"{origin.__name__}[{', '.join(inner)}]"

@@ -1,0 +1,1 @@
+"""Distribution: the (dp, pp, tp) topology, Megatron-style tensor parallelism, sharding."""

@@ -1,0 +1,44 @@
+"""The LayerFactory that makes the GPT tensor-parallel over a topology's TP group."""
+
+from __future__ import annotations
+
+from typing import ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from raytron.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from raytron.parallel.mappings import copy_to_tp, gather_from_tp
+from raytron.parallel.rng import ShardedRNG
+from raytron.parallel.topology import Topology
+
+
+class TensorParallelLayers:
+    def __init__(self, topology: Topology, seed: int):
+        self.group = topology.tensor
+        self.tp_size = self.group.size
+        self._rng = ShardedRNG(seed, self.group.rank)
+
+    def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
+        return VocabParallelEmbedding(num_embeddings, dim, self.group)
+
+    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
+        return ColumnParallelLinear(in_features, out_features, self.group, bias=bias, parts=parts)
+
+    def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
+        return RowParallelLinear(in_features, out_features, self.group, bias=bias)
+
+    def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(hidden, self.group), embedding_weight)  # (B, T, V/tp)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        vocab_start = self.group.rank * logits.shape[-1]
+        return vocab_parallel_cross_entropy(logits, targets, self.group, vocab_start)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(logits, self.group)
+
+    def sharded_rng(self) -> ContextManager:
+        return self._rng()

@@ -1,0 +1,99 @@
+"""The ``raytron`` command: one root parser; each subcommand calls library code and prints.
+
+To add a subcommand write ``add_<name>(subparsers)`` that builds its parser and sets
+``run=<function(args) -> int | None>``, and list it in ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+import yaml
+
+from raytron.config import ConfigError, RaytronConfig, load_config, schema_rows
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run YAML and its ``--set`` overrides, shared by every subcommand that takes a run."""
+    parser.add_argument("config", nargs="?", help="run YAML (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one field, value parsed as YAML; repeatable")
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last column runs free."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[-1])
+
+
+def derived_values(cfg: RaytronConfig) -> dict[str, object]:
+    return {"padded_vocab_size": cfg.padded_vocab_size, "world_size": cfg.world_size,
+            "ffn_size": cfg.model.ffn_size, "config_digest": cfg.digest()}
+
+
+def run_config(args: argparse.Namespace) -> None:
+    if args.schema:
+        print_table([("FIELD", "TYPE", "DEFAULT", "DOC"), *schema_rows()])
+        return
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    # Derived values go out as YAML comments so the output still loads as a config.
+    print("# derived (not settable):")
+    for key, value in derived_values(cfg).items():
+        print(f"#   {key}: {value}")
+
+
+def add_config(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("config", help="print the resolved config, or every field with --schema")
+    add_config_arguments(parser)
+    parser.add_argument("--schema", action="store_true", help="print path, type, default and doc of every field")
+    parser.set_defaults(run=run_config)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    # Imported here so `raytron config` does not pay for importing torch.
+    from raytron.model.flops import flops_per_token
+    from raytron.model.gpt import count_parameters
+    from raytron.model.memory import memory_per_rank_bytes
+
+    cfg = load_config(args.config, args.overrides)
+    memory, breakdown = memory_per_rank_bytes(cfg)
+    info = {"parameters": count_parameters(cfg.model, cfg.parallel.tp), "flops_per_token": flops_per_token(cfg),
+            "memory_per_rank_bytes": memory, "memory_breakdown": breakdown, **derived_values(cfg)}
+    print(json.dumps(info, indent=2))
+
+
+def add_info(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("info", help="parameters, FLOPs per token and memory per rank as JSON")
+    add_config_arguments(parser)
+    parser.set_defaults(run=run_info)
+
+
+SUBCOMMANDS = (add_config, add_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytron", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `raytron config --schema | head` ends quietly, like other Unix tools
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

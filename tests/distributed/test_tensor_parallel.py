@@ -53,6 +53,10 @@ def _check_forward_backward(flavour: str) -> None:
         split = getattr(param, "tp_split", None)
         expected = full[name] if split is None else shard_of(full[name], split, group.rank, group.size)
         assert torch.equal(param, expected), name
+    # init is layout-independent: a TP model initialised from the same seed holds the same shards
+    fresh = build_model(cfg, seed=3, layers=TensorParallelLayers(topology, seed=3), padded_vocab=cfg.padded_vocab(2))
+    for (name, param), (_, fresh_param) in zip(parallel.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(param, fresh_param), name
 
     tokens, targets = batch(cfg)
     serial_logits = serial(tokens)

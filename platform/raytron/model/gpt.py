@@ -10,13 +10,12 @@ each rank holds ``num_heads / tp`` heads and a ``1 / tp`` slice of the MLP and v
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raytron.config import ModelConfig
+from raytron.model.init import initialize_parameters
 from raytron.model.kv_cache import KVCache
 from raytron.model.layer_factory import LayerFactory, SerialLayers
 from raytron.model.rope import apply_rope, rope_cos_sin
@@ -161,27 +160,8 @@ class GPT(nn.Module):
         local_heads = self.cfg.num_heads // self.layers.tp_size
         return KVCache(self.cfg.num_layers, slots, local_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
 
-    @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Megatron init: N(0, init_std) weights, output projections N(0, init_std / sqrt(2L)),
-        zero biases, unit norms. Sharded weights draw from the TP rank's own stream."""
-        std = self.cfg.init_std
-        scaled_std = std / math.sqrt(2 * self.cfg.num_layers)
-        torch.manual_seed(seed)
-        if self.embed.positions is not None:  # replicated: same stream on every TP rank
-            nn.init.normal_(self.embed.positions.weight, std=std)
-        with self.layers.sharded_rng():
-            for name, param in self.named_parameters():
-                if name == "embed.positions.weight":
-                    continue
-                if name.endswith("bias"):
-                    nn.init.zeros_(param)
-                elif "norm" in name:
-                    nn.init.ones_(param)
-                elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                    nn.init.normal_(param, std=scaled_std)
-                else:
-                    nn.init.normal_(param, std=std)
+        initialize_parameters(self.named_parameters(), self.cfg, seed, self.layers)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, layers: LayerFactory | None = None,

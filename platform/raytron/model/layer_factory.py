@@ -39,7 +39,13 @@ class LayerFactory(Protocol):
         """(B, T, V_local) -> (B, T, V), for sampling."""
 
     def sharded_rng(self) -> ContextManager:
-        """RNG context for randomness on sharded tensors (init of shards, attention dropout)."""
+        """RNG context for randomness on sharded activations (attention dropout)."""
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the full (TP=1) tensor this parameter is a shard of."""
+
+    def local_shard(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the full tensor."""
 
 
 class SerialLayers:
@@ -67,3 +73,9 @@ class SerialLayers:
 
     def sharded_rng(self) -> ContextManager:
         return contextlib.nullcontext()
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        return tuple(param.shape)
+
+    def local_shard(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        return full

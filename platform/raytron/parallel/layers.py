@@ -25,6 +25,8 @@ def _divide(total: int, ways: int, what: str) -> int:
 def _sharded(shape: tuple[int, ...], dim: int, parts: int = 1) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape))
     param.tp_split = (dim, parts)
+    # DeepSpeed's grad-norm counts params without this flag once per TP group, not once per rank
+    param.tensor_model_parallel = True
     return param
 
 

@@ -2,8 +2,8 @@
 
 Dropout on replicated activations (embeddings, block outputs) must draw the same mask on
 every TP rank, so it uses the default generator, seeded identically across a TP group.
-Randomness on sharded tensors (attention-probability dropout over local heads, init of
-weight shards) must differ per TP rank: it runs inside ``ShardedRNG``, which swaps in a
+Randomness on sharded activations (attention-probability dropout over local heads) must
+differ per TP rank: it runs inside ``ShardedRNG``, which swaps in a
 per-rank generator state and swaps it back out, as Megatron's RNG tracker does.
 """
 

@@ -12,6 +12,7 @@ from raytron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from raytron.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from raytron.parallel.mappings import copy_to_tp, gather_from_tp
 from raytron.parallel.rng import ShardedRNG
+from raytron.parallel.sharding import shard_of
 from raytron.parallel.topology import Topology
 
 
@@ -42,3 +43,15 @@ class TensorParallelLayers:
 
     def sharded_rng(self) -> ContextManager:
         return self._rng()
+
+    def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        split = getattr(param, "tp_split", None)
+        if split is None:
+            return tuple(param.shape)
+        shape = list(param.shape)
+        shape[split[0]] *= self.tp_size
+        return tuple(shape)
+
+    def local_shard(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        split = getattr(param, "tp_split", None)
+        return full if split is None else shard_of(full, split, self.group.rank, self.tp_size)

@@ -1,0 +1,1 @@
+"""Data: the built-in docstring corpus, the BPE tokenizer and sequence packing."""

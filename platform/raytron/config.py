@@ -128,6 +128,12 @@ class TrainConfig(Section):
     """Recompute each block's activations in backward to save memory."""
     threads: int = Field(0, ge=0)
     """torch intra-op threads per process; 0 keeps torch's default."""
+    storage_path: str = "runs"
+    """Where Ray Train keeps checkpoints: a local folder or s3://bucket/prefix."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts Ray Train may do after a failure (-1: unlimited)."""
+    export: bool = False
+    """Export the final model to Hugging Face format and register it in MLflow."""
 
 
 class DataConfig(Section):
@@ -165,6 +171,8 @@ class RaytronConfig(Section):
     """Corpus and tokenizer."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow."""
+    deepspeed_overrides: dict[str, Any] = {}
+    """Keys merged last into the derived DeepSpeed config (they win)."""
 
     @property
     def world_size(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from raytron.config import ModelConfig
 from raytron.model.init import initialize_parameters
@@ -136,6 +137,8 @@ class GPT(nn.Module):
         self.embed = Embedding(cfg, self.layers, self.padded_vocab)
         self.blocks = nn.ModuleList(Block(cfg, self.layers, i) for i in range(cfg.num_layers))
         self.head = Head(cfg, self.layers, self.padded_vocab)
+        self.activation_checkpointing = False
+        """Recompute each block in backward instead of keeping its activations (training only)."""
 
     @property
     def tied(self) -> bool:
@@ -149,7 +152,10 @@ class GPT(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens, positions)  # (B, T, h)
         for block in self.blocks:
-            x = block(x, positions, cache, slots)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, positions, use_reentrant=False)
+            else:
+                x = block(x, positions, cache, slots)
         return self.head(x, self.embed.tokens.weight if self.tied else None)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

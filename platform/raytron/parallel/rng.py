@@ -30,18 +30,20 @@ def _set_states(states: tuple) -> None:
 
 
 class ShardedRNG:
+    """``state`` is saved and restored with checkpoints."""
+
     def __init__(self, seed: int, tp_index: int):
         saved = _get_states()
         torch.manual_seed(seed + SHARDED_SEED_OFFSET + tp_index)
-        self._states = _get_states()
+        self.state = _get_states()
         _set_states(saved)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         outside = _get_states()
-        _set_states(self._states)
+        _set_states(self.state)
         try:
             yield
         finally:
-            self._states = _get_states()
+            self.state = _get_states()
             _set_states(outside)

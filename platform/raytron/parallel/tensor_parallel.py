@@ -20,7 +20,7 @@ class TensorParallelLayers:
     def __init__(self, topology: Topology, seed: int):
         self.group = topology.tensor
         self.tp_size = self.group.size
-        self._rng = ShardedRNG(seed, self.group.rank)
+        self.rng = ShardedRNG(seed, self.group.rank)
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.group)
@@ -42,7 +42,7 @@ class TensorParallelLayers:
         return gather_from_tp(logits, self.group)
 
     def sharded_rng(self) -> ContextManager:
-        return self._rng()
+        return self.rng()
 
     def full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         split = getattr(param, "tp_split", None)

@@ -1,0 +1,122 @@
+"""The GPT as a DeepSpeed ``PipelineModule``: one ``LayerSpec`` per block, 1F1B over micro-batches.
+
+Stages, in order:  tokens | positions+dropout | block x L | final norm | logits
+For the tied ``gpt`` flavour the first and last entries are one ``TiedLayerSpec`` (the
+token embedding, used as the output projection on the last stage); ``llama`` has its own
+output layer. Parameter names are translated to the serial GPT's so checkpoints, init and
+export speak one naming.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from raytron.config import ModelConfig
+from raytron.model.gpt import Block, make_norm
+from raytron.model.init import initialize_parameters
+from raytron.model.layer_factory import LayerFactory
+from raytron.parallel.topology import Topology
+
+TIED_KEY = "embed"
+
+
+def _positions_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])  # (B, T)
+
+
+class TokenStage(nn.Module):
+    def __init__(self, layers: LayerFactory, padded_vocab: int, hidden: int):
+        super().__init__()
+        self.layers = layers
+        self.tokens = layers.embedding(padded_vocab, hidden)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokens(tokens)  # (B, T, h)
+
+
+def tied_logits(stage: TokenStage, hidden: torch.Tensor) -> torch.Tensor:
+    return stage.layers.tied_logits(hidden, stage.tokens.weight)  # (B, T, V/tp)
+
+
+class PositionStage(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.flavour == "gpt" else None
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.positions is not None:
+            x = x + self.positions(_positions_like(x))
+        return self.dropout(x)
+
+
+class BlockStage(Block):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, _positions_like(x))
+
+
+class NormStage(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class OutputStage(nn.Module):
+    def __init__(self, layers: LayerFactory, hidden: int, padded_vocab: int):
+        super().__init__()
+        self.output = layers.column(hidden, padded_vocab, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(x)  # (B, T, V/tp)
+
+
+def layer_specs(cfg: ModelConfig, layers: LayerFactory, padded_vocab: int) -> list[LayerSpec]:
+    tokens = (TokenStage, layers, padded_vocab, cfg.hidden_size)
+    tied = cfg.flavour == "gpt"
+    specs = [TiedLayerSpec(TIED_KEY, *tokens, tied_weight_attr="tokens.weight") if tied else LayerSpec(*tokens),
+             LayerSpec(PositionStage, cfg)]
+    specs += [LayerSpec(BlockStage, cfg, layers, i) for i in range(cfg.num_layers)]
+    specs.append(LayerSpec(NormStage, cfg))
+    if tied:
+        specs.append(TiedLayerSpec(TIED_KEY, *tokens, forward_fn=tied_logits, tied_weight_attr="tokens.weight"))
+    else:
+        specs.append(LayerSpec(OutputStage, layers, cfg.hidden_size, padded_vocab))
+    return specs
+
+
+def gpt_name(pipeline_name: str, num_layers: int) -> str:
+    """Pipeline parameter name -> the serial GPT's name (e.g. '3.attn.qkv.weight' -> 'blocks.1.attn.qkv.weight')."""
+    if pipeline_name.startswith(f"tied_modules.{TIED_KEY}."):
+        return "embed." + pipeline_name.split(".", 2)[2]
+    index, rest = re.fullmatch(r"(\d+)\.(.+)", pipeline_name).groups()
+    index = int(index)
+    if index <= 1:  # token embedding (untied flavour) and the position stage
+        return f"embed.{rest}"
+    if index < num_layers + 2:
+        return f"blocks.{index - 2}.{rest}"
+    return f"head.{rest}"
+
+
+def build_pipeline(cfg: ModelConfig, topology: Topology, layers: LayerFactory, padded_vocab: int,
+                   seed: int, activation_checkpointing: bool = False) -> PipelineModule:
+    """The pipelined GPT on this rank's stage, initialised exactly as the serial model would be."""
+    layout = topology.layout
+    module = PipelineModule(
+        layers=layer_specs(cfg, layers, padded_vocab),
+        topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
+        loss_fn=layers.loss,
+        # blocks are balanced across stages; embedding and head ride on the first and last
+        partition_method="type:BlockStage",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+    )
+    named = ((gpt_name(name, cfg.num_layers), param) for name, param in module.named_parameters())
+    initialize_parameters(named, cfg, seed, layers)
+    return module

@@ -1,0 +1,76 @@
+"""What one checkpoint holds, written by every rank into its own folder.
+
+  deepspeed/          engine state: module, optimizer (ZeRO shards), lr scheduler (DeepSpeed's format)
+  rng/rank-XXXXX.pt   every rank's RNG states (DeepSpeed does not save them)
+  model/pp{P}-tp{T}.safetensors
+                      the (pp, tp) shard of the weights under the serial GPT's names, with
+                      each tensor's TP split in the metadata: what export consolidates
+  meta.json           step, data position, config, MLflow run id (rank 0)
+  tokenizer.json      when the run has one (rank 0)
+
+Under Ray Train each worker reports its folder and Ray merges them into one checkpoint,
+registered only when every worker has reported: a half-written one never becomes latest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from raytron.train.batches import DataPosition, StepBatches
+from raytron.train.engine import TrainingEngine
+
+ENGINE_DIR = "deepspeed"
+ENGINE_TAG = "state"
+META_FILE = "meta.json"
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    data: DataPosition
+    config: dict
+    padded_vocab_size: int
+    mlflow_run_id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path) -> "CheckpointMeta":
+        raw = json.loads((folder / META_FILE).read_text())
+        raw["data"] = DataPosition(**raw["data"])
+        return cls(**raw)
+
+
+def save_checkpoint(folder: Path, engine: TrainingEngine, batches: StepBatches, meta: CheckpointMeta,
+                    tokenizer_path: str | None = None) -> Path:
+    """Write this rank's part of the checkpoint for ``meta.step`` into ``folder``."""
+    topology = engine.topology
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.engine.save_checkpoint(str(folder / ENGINE_DIR), tag=ENGINE_TAG)
+    (folder / "rng").mkdir(exist_ok=True)
+    torch.save(engine.rng_states(), folder / "rng" / f"rank-{topology.rank:05d}.pt")
+    if topology.dp_index == 0:
+        (folder / "model").mkdir(exist_ok=True)
+        splits = engine.tp_splits()
+        metadata = {name: json.dumps(list(split)) for name, split in splits.items()}
+        save_file(engine.gpt_state(), folder / "model" / f"pp{topology.pp_index}-tp{topology.tp_index}.safetensors",
+                  metadata={"tp_split": json.dumps(metadata), "tp": str(topology.layout.tp)})
+    if topology.rank == 0:
+        (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, folder / "tokenizer.json")
+    return folder
+
+
+def load_checkpoint(folder: Path, engine: TrainingEngine, batches: StepBatches) -> CheckpointMeta:
+    """Restore engine, RNG and data position from a complete checkpoint folder."""
+    meta = CheckpointMeta.read(folder)
+    engine.engine.load_checkpoint(str(folder / ENGINE_DIR), tag=ENGINE_TAG)
+    engine.set_rng_states(torch.load(folder / "rng" / f"rank-{engine.topology.rank:05d}.pt", weights_only=False))
+    batches.seek(meta.data)
+    return meta

@@ -1,0 +1,124 @@
+"""The DeepSpeed engine around the GPT: pipelined (pp > 1) or not, tensor-parallel or not.
+
+Both kinds expose the same three calls to the loop: ``train_step`` and ``eval_loss`` on a
+list of micro-batches (token blocks (mb, T+1)), and ``gpt_state`` (this rank's shards under
+the serial GPT's names, for export).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raytron.config import RaytronConfig
+from raytron.model.gpt import build_model
+from raytron.parallel.deepspeed_config import deepspeed_config
+from raytron.parallel.deepspeed_mpu import TopologyMPU
+from raytron.parallel.pipeline import build_pipeline, gpt_name
+from raytron.parallel.tensor_parallel import TensorParallelLayers
+from raytron.parallel.topology import Topology
+from raytron.train.schedule import lr_multiplier
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm gains (every 1-D parameter)."""
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainingEngine:
+    def __init__(self, cfg: RaytronConfig, topology: Topology):
+        self.cfg = cfg
+        self.topology = topology
+        self.pipelined = cfg.parallel.pp > 1
+        train = cfg.train
+        # replicated-activation dropout must match across a TP group, and differ across DP replicas
+        torch.manual_seed(train.seed + 1009 * topology.dp_index)
+        layers = self.layers = TensorParallelLayers(topology, train.seed)
+        if self.pipelined:
+            module = build_pipeline(cfg.model, topology, layers, cfg.padded_vocab_size, train.seed,
+                                    train.activation_checkpointing)
+            mpu = None  # the PipelineModule brings its own grid
+        else:
+            module = build_model(cfg.model, train.seed, layers, cfg.padded_vocab_size)
+            module.activation_checkpointing = train.activation_checkpointing
+            mpu = TopologyMPU(topology)
+        optimizer = torch.optim.AdamW(_param_groups(module, train.weight_decay), lr=train.lr, betas=train.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    mpu=mpu, config=deepspeed_config(cfg))
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def _pairs(self, micro_batches: list[torch.Tensor]):
+        for block in micro_batches:
+            block = block.to(self.device)
+            yield block[:, :-1], block[:, 1:]  # inputs, targets: (mb, T) each
+
+    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the loss averaged over DP."""
+        if self.pipelined:
+            return float(self.engine.train_batch(self._pairs(micro_batches)))
+        losses = []
+        for inputs, targets in self._pairs(micro_batches):
+            loss = self.engine.module.loss(self.engine(inputs), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        return self._mean_over_dp(torch.stack(losses).mean())
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+        if self.pipelined:
+            loss = self.engine.eval_batch(self._pairs(micro_batches), num_micro_batches=len(micro_batches))
+            return float(loss)
+        self.engine.eval()
+        losses = [self.engine.module.loss(self.engine(x), y) for x, y in self._pairs(micro_batches)]
+        self.engine.train()
+        return self._mean_over_dp(torch.stack(losses).mean())
+
+    def _mean_over_dp(self, loss: torch.Tensor) -> float:
+        group = self.topology.data
+        if group.size > 1:
+            loss = loss.clone()
+            dist.all_reduce(loss, group=group.group)
+            loss /= group.size
+        return float(loss)
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def gpt_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters (TP shards of its pipeline stage), named as in the serial GPT."""
+        rename = functools.partial(gpt_name, num_layers=self.cfg.model.num_layers) if self.pipelined else str
+        return {rename(name): param.detach().float().cpu() for name, param in self.engine.module.named_parameters()}
+
+    def tp_splits(self) -> dict[str, tuple[int, int]]:
+        """GPT name -> (dim, parts) for every sharded parameter on this rank."""
+        rename = functools.partial(gpt_name, num_layers=self.cfg.model.num_layers) if self.pipelined else str
+        return {rename(name): param.tp_split for name, param in self.engine.module.named_parameters()
+                if hasattr(param, "tp_split")}
+
+    def rng_states(self) -> dict:
+        """Default and sharded RNG states of this rank (dropout must resume where it left off)."""
+        return {"default": torch.get_rng_state(), "sharded": self.layers.rng.state,
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+
+    def set_rng_states(self, states: dict) -> None:
+        torch.set_rng_state(states["default"])
+        self.layers.rng.state = states["sharded"]
+        if states["cuda"] is not None:
+            torch.cuda.set_rng_state(states["cuda"])

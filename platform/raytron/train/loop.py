@@ -1,0 +1,62 @@
+"""The training loop: short, and the same under Ray Train, torchrun or one process."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from raytron.config import RaytronConfig
+from raytron.parallel.topology import Topology
+from raytron.train.batches import BlockSource, StepBatches
+from raytron.train.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from raytron.train.engine import TrainingEngine
+from raytron.train.metrics import StepMeter
+from raytron.train.session import Session
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def evaluate(engine: TrainingEngine, source: BlockSource, cfg: RaytronConfig, topology: Topology) -> dict[str, float]:
+    batches = StepBatches(source, cfg, topology)
+    loss = engine.eval_loss(batches.next())
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source: BlockSource,
+          val_source: BlockSource | None = None, tokenizer_path: str | None = None,
+          mlflow_run_id: str | None = None) -> dict:
+    """Run to ``cfg.train.steps``, resuming from the session's latest checkpoint; returns the last metrics."""
+    engine = TrainingEngine(cfg, topology)
+    batches = StepBatches(train_source, cfg, topology)
+    step = 0
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            step = load_checkpoint(folder, engine, batches).step
+    meter = StepMeter(cfg)
+    metrics: dict = {"step": step}
+    while step < cfg.train.steps:
+        meter.start()
+        micro_batches = batches.next()
+        loss = engine.train_step(micro_batches)
+        step += 1
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped without checkpointing, "
+                                "the last good checkpoint is intact")
+        metrics = meter.finish(step, loss, engine.lr, engine.grad_norm, batches.wait_seconds)
+        if val_source is not None and cfg.train.eval_every and _due(step, cfg.train.eval_every, cfg.train.steps):
+            metrics.update(evaluate(engine, val_source, cfg, topology))
+        checkpoint = None
+        if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
+            started = time.perf_counter()
+            meta = CheckpointMeta(step, batches.position, cfg.to_dict(), cfg.padded_vocab_size, mlflow_run_id)
+            checkpoint = save_checkpoint(session.scratch_dir(step), engine, batches, meta, tokenizer_path)
+            metrics["checkpoint_time_s"] = time.perf_counter() - started
+        metrics["data_ids"] = batches.last_ids
+        session.report(metrics, checkpoint)
+    return metrics

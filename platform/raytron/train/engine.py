@@ -31,6 +31,16 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _count_replicated_once(module: nn.Module, topology: Topology) -> None:
+    """DeepSpeed's gradient norm counts a parameter on every rank when it is flagged model-parallel,
+    and an unflagged one only on model-parallel rank 0 -- with pipelining that group spans the
+    stages, so later stages' norms and biases would be left out. Flag the TP-replicated
+    parameters on the first rank of each TP group: every parameter then counts exactly once."""
+    for param in module.parameters():
+        if not hasattr(param, "tp_split"):
+            param.tensor_model_parallel = topology.tp_index == 0
+
+
 class TrainingEngine:
     def __init__(self, cfg: RaytronConfig, topology: Topology):
         self.cfg = cfg
@@ -48,6 +58,7 @@ class TrainingEngine:
             module = build_model(cfg.model, train.seed, layers, cfg.padded_vocab_size)
             module.activation_checkpointing = train.activation_checkpointing
             mpu = TopologyMPU(topology)
+        _count_replicated_once(module, topology)
         optimizer = torch.optim.AdamW(_param_groups(module, train.weight_decay), lr=train.lr, betas=train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -31,7 +31,8 @@ def evaluate(engine: TrainingEngine, source: BlockSource, cfg: RaytronConfig, to
 def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source: BlockSource,
           val_source: BlockSource | None = None, tokenizer_path: str | None = None,
           mlflow_run_id: str | None = None) -> dict:
-    """Run to ``cfg.train.steps``, resuming from the session's latest checkpoint; returns the last metrics."""
+    """Run to ``cfg.train.steps``, resuming from the session's latest checkpoint.
+    Returns the last step's metrics plus ``losses`` and ``grad_norms``: {step: value} of the steps this call ran."""
     engine = TrainingEngine(cfg, topology)
     batches = StepBatches(train_source, cfg, topology)
     step = 0
@@ -40,6 +41,7 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
             step = load_checkpoint(folder, engine, batches).step
     meter = StepMeter(cfg)
     metrics: dict = {"step": step}
+    losses, grad_norms = {}, {}
     while step < cfg.train.steps:
         meter.start()
         micro_batches = batches.next()
@@ -49,6 +51,7 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
             raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped without checkpointing, "
                                 "the last good checkpoint is intact")
         metrics = meter.finish(step, loss, engine.lr, engine.grad_norm, batches.wait_seconds)
+        losses[step], grad_norms[step] = loss, metrics.get("grad_norm")
         if val_source is not None and cfg.train.eval_every and _due(step, cfg.train.eval_every, cfg.train.steps):
             metrics.update(evaluate(engine, val_source, cfg, topology))
         checkpoint = None
@@ -59,4 +62,4 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
             metrics["checkpoint_time_s"] = time.perf_counter() - started
         metrics["data_ids"] = batches.last_ids
         session.report(metrics, checkpoint)
-    return metrics
+    return {**metrics, "losses": losses, "grad_norms": grad_norms}

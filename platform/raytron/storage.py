@@ -1,0 +1,65 @@
+"""Storage URLs: a local path or s3://bucket/prefix, opened with pyarrow's filesystems.
+
+S3 endpoint and credentials come from the standard AWS environment variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so the
+same URL works against AWS and any S3-protocol server (MinIO, Ceph, R2, moto).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def is_remote(url: str) -> bool:
+    return urlparse(url).scheme == "s3"
+
+
+def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URL; local paths are made absolute."""
+    if not is_remote(url):
+        return pafs.LocalFileSystem(), str(Path(url).expanduser().absolute())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    parsed = urlparse(endpoint) if endpoint else None
+    fs = pafs.S3FileSystem(
+        endpoint_override=parsed.netloc if parsed else None,
+        scheme=parsed.scheme if parsed else "https",
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        # fail in seconds, not minutes, when the endpoint is down
+        connect_timeout=5, request_timeout=30,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+    )
+    bucket_and_key = url[len("s3://"):].rstrip("/")
+    return fs, bucket_and_key
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a probe object so a bad storage path fails at start, naming the URL."""
+    fs, path = filesystem_for(url)
+    probe = f"{path}/.raytron-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"storage path {url} is not writable: {error}") from None
+
+
+def list_dirs(url: str) -> list[str]:
+    """Names of the folders directly under a URL (empty when it does not exist)."""
+    fs, path = filesystem_for(url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as error:
+        raise StorageError(f"cannot list {url}: {error}") from None
+    return sorted(Path(info.path).name for info in infos if info.type == pafs.FileType.Directory)

@@ -1,0 +1,52 @@
+"""The training session of a Ray Train worker: checkpoints through ray.train, metrics to MLflow on rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import ray.train
+
+from raytron.train.fault_injection import maybe_crash
+
+
+class RayDatasetSource:
+    """Blocks from a Ray Dataset shard, in dataset order (column 'tokens', optional 'id')."""
+
+    def __init__(self, shard):
+        self.shard = shard
+
+    def batches(self, epoch: int, rows: int) -> Iterator[dict[str, np.ndarray]]:
+        return self.shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True)
+
+
+class RaySession:
+    def __init__(self, rank: int, log_metrics: Callable[[dict, int], None] | None = None):
+        self.rank = rank
+        self.log_metrics = log_metrics
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def scratch_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"raytron-step{step}-rank{self.rank}-"))
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        step = int(metrics["step"])
+        if checkpoint is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+                             checkpoint_dir_name=f"checkpoint_{step:08d}", delete_local_checkpoint_after_upload=True)
+        if self.log_metrics is not None:
+            self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+        maybe_crash(self.rank, step)

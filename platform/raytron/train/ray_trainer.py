@@ -1,0 +1,100 @@
+"""Ray Train wiring: a TorchTrainer of dp x pp x tp workers, each running the training loop."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import deepspeed
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raytron.config import RaytronConfig, build_config
+from raytron.parallel.topology import Topology
+from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
+from raytron.train.cluster import ensure_resources
+from raytron.train.loop import NonFiniteLoss, train
+from raytron.train.ray_session import RayDatasetSource, RaySession
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingResult:
+    run_name: str
+    metrics: dict
+    """The last step's metrics (rank 0)."""
+    checkpoint: ray.train.Checkpoint | None
+    storage_path: str
+
+
+def _worker(payload: dict) -> dict:
+    cfg = build_config(payload["config"])
+    context = ray.train.get_context()
+    os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # PipelineModule requires it
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
+    topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+    validation = ray.train.get_dataset_shard("validation") if payload["has_validation"] else None
+    session = RaySession(context.get_world_rank())
+    try:
+        return train(cfg, topology, session, RayDatasetSource(ray.train.get_dataset_shard("train")),
+                     RayDatasetSource(validation) if validation is not None else None,
+                     payload.get("tokenizer_path"), payload.get("mlflow_run_id"))
+    except NonFiniteLoss as error:
+        # returned, not raised: a retry from the last checkpoint would only meet it again
+        return {"stopped": str(error)}
+
+
+def _run_name(cfg: RaytronConfig, storage: str, resume: bool) -> str:
+    """A fresh run gets a new timestamped name; --resume picks the newest run of this config's name."""
+    if resume:
+        previous = [name for name in list_dirs(storage) if name.startswith(f"{cfg.name}-")]
+        if not previous:
+            raise TrainingStopped(f"--resume: no earlier run named {cfg.name}-* under {storage}")
+        return previous[-1]
+    return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool = False,
+        tokenizer_path: str | None = None, mlflow_run_id: str | None = None,
+        run_name: str | None = None) -> TrainingResult:
+    """Train on an already connected Ray cluster. ``run_name`` pins the run folder (tests, Tune)."""
+    ensure_resources(cfg)
+    storage = cfg.train.storage_path
+    check_writable(storage)
+    name = run_name or _run_name(cfg, storage, resume)
+    filesystem, storage_inside = filesystem_for(storage)
+    datasets = {"train": train_dataset}
+    if validation_dataset is not None:
+        datasets["validation"] = validation_dataset
+    use_gpu = cfg.resources.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": cfg.to_dict(), "has_validation": validation_dataset is not None,
+                           "tokenizer_path": tokenizer_path, "mlflow_run_id": mlflow_run_id},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.world_size, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.resources.cpus_per_worker,
+                                  **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_inside,
+            storage_filesystem=filesystem if is_remote(storage) else None,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        datasets=datasets,
+        # every DP reader walks the whole dataset and keeps its slice of each global batch
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    metrics = result.return_value or {}
+    if "stopped" in metrics:
+        raise TrainingStopped(metrics["stopped"])
+    return TrainingResult(name, metrics, result.checkpoint, storage)

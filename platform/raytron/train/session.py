@@ -1,6 +1,7 @@
 """What the training loop needs from whoever launched it: the latest checkpoint and a report call.
 
-``LocalSession`` serves a single process (checkpoints in a local folder); ``raytron.train.ray_session.RaySession`` serves Ray Train workers.
+``LocalSession`` serves one process or a torchrun-style group sharing a filesystem;
+``raytron.train.ray_session.RaySession`` serves Ray Train workers.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import contextlib
 import shutil
 from pathlib import Path
 from typing import ContextManager, Iterator, Protocol
+
+import torch.distributed as dist
 
 
 class Session(Protocol):
@@ -19,15 +22,23 @@ class Session(Protocol):
         """Publish metrics; when ``checkpoint`` is given this rank's part of it is persisted."""
 
     def scratch_dir(self, step: int) -> Path:
-        """An empty local folder to write this rank's part of a checkpoint into."""
+        """A folder to write this rank's part of a checkpoint into."""
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 class LocalSession:
-    """Checkpoints as numbered folders under ``root`` (a folder is complete once renamed into place)."""
+    """Checkpoints as numbered folders under ``root``. All ranks write into one partial folder;
+    after every rank has finished, rank 0 renames it into place, so a folder named
+    ``checkpoint_*`` is always complete."""
 
     def __init__(self, root: str | Path, keep: int = 3):
         self.root = Path(root)
         self.keep = keep
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.history: list[dict] = []
 
     def _complete(self) -> list[Path]:
@@ -40,14 +51,19 @@ class LocalSession:
 
     def scratch_dir(self, step: int) -> Path:
         folder = self.root / f".partial_{step:08d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        _barrier()
         return folder
 
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
         self.history.append(metrics)
         if checkpoint is None:
             return
-        checkpoint.rename(self.root / f"checkpoint_{int(metrics['step']):08d}")
-        for stale in self._complete()[: -self.keep]:
-            shutil.rmtree(stale)
+        _barrier()  # every rank's files are written
+        if self.rank == 0:
+            checkpoint.rename(self.root / f"checkpoint_{int(metrics['step']):08d}")
+            for stale in self._complete()[: -self.keep]:
+                shutil.rmtree(stale)
+        _barrier()

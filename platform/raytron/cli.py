@@ -73,7 +73,36 @@ def add_info(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_info)
 
 
-SUBCOMMANDS = (add_config, add_info)
+def run_train(args: argparse.Namespace) -> int:
+    # imported here: Ray, DeepSpeed and MLflow take seconds to import and `config`/`info` need none
+    from raytron.storage import StorageError
+    from raytron.train.cluster import ResourceError
+    from raytron.train.ray_trainer import TrainingStopped
+    from raytron.train.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = run_training(cfg, resume=args.resume)
+    except (ResourceError, StorageError, TrainingStopped) as error:
+        print(f"raytron train: {error}", file=sys.stderr)
+        return 1
+    summary = {key: value for key, value in result.metrics.items() if key not in ("losses", "grad_norms", "data_ids")}
+    print(json.dumps({"run": result.run_name, "storage_path": result.storage_path,
+                      "checkpoint": result.checkpoint.path if result.checkpoint else None, "last_step": summary},
+                     indent=2))
+    return 0
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train on Ray (joins $RAY_ADDRESS or a running cluster, "
+                                                 "else starts a local one)")
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the newest run of this config's name "
+                                                              "from its latest checkpoint")
+    parser.set_defaults(run=run_train)
+
+
+SUBCOMMANDS = (add_config, add_info, add_train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,6 +133,13 @@ class RunTracker:
         tracker._guard("start", tracker._open, cfg, run_id)
         return tracker
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> RunTracker:
+        """Log into a run someone else started (a Train worker logging the driver's run)."""
+        tracker = cls(tracking_uri)
+        tracker._run_id = run_id
+        return tracker
+
     @property
     def run_id(self) -> str | None:
         """The MLflow run id; None when starting the run failed."""

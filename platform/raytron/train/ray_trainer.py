@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -15,8 +16,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raytron.config import RaytronConfig, build_config
 from raytron.parallel.topology import Topology
 from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
+from raytron.train.checkpoint import META_FILE
 from raytron.train.cluster import ensure_resources
 from raytron.train.loop import NonFiniteLoss, train
+from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
+from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
 
 
@@ -42,7 +46,8 @@ def _worker(payload: dict) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
     topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     validation = ray.train.get_dataset_shard("validation") if payload["has_validation"] else None
-    session = RaySession(context.get_world_rank())
+    rank = context.get_world_rank()
+    session = RaySession(rank, _rank_zero_publisher(payload) if rank == 0 else None)
     try:
         return train(cfg, topology, session, RayDatasetSource(ray.train.get_dataset_shard("train")),
                      RayDatasetSource(validation) if validation is not None else None,
@@ -52,7 +57,21 @@ def _worker(payload: dict) -> dict:
         return {"stopped": str(error)}
 
 
-def _run_name(cfg: RaytronConfig, storage: str, resume: bool) -> str:
+def _rank_zero_publisher(payload: dict):
+    """Rank 0 alone sends metrics to MLflow (the driver's run) and Prometheus."""
+    gauges = TrainingGauges(payload["run_name"])
+    tracker = None
+    if payload.get("mlflow_run_id"):
+        tracker = RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"])
+
+    def publish(metrics: dict, step: int) -> None:
+        gauges.publish(metrics)
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+    return publish
+
+
+def resolve_run_name(cfg: RaytronConfig, storage: str, resume: bool) -> str:
     """A fresh run gets a new timestamped name; --resume picks the newest run of this config's name."""
     if resume:
         previous = [name for name in list_dirs(storage) if name.startswith(f"{cfg.name}-")]
@@ -62,6 +81,17 @@ def _run_name(cfg: RaytronConfig, storage: str, resume: bool) -> str:
     return f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def latest_checkpoint_meta(storage: str, run_name: str) -> dict | None:
+    """meta.json of a run's newest checkpoint (read before workers start: it names the MLflow run)."""
+    run_url = f"{storage.rstrip('/')}/{run_name}"
+    checkpoints = [name for name in list_dirs(run_url) if name.startswith("checkpoint_")]
+    if not checkpoints:
+        return None
+    filesystem, run_path = filesystem_for(run_url)
+    with filesystem.open_input_stream(f"{run_path}/{checkpoints[-1]}/{META_FILE}") as stream:
+        return json.loads(stream.read())
+
+
 def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool = False,
         tokenizer_path: str | None = None, mlflow_run_id: str | None = None,
         run_name: str | None = None) -> TrainingResult:
@@ -69,7 +99,7 @@ def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool
     ensure_resources(cfg)
     storage = cfg.train.storage_path
     check_writable(storage)
-    name = run_name or _run_name(cfg, storage, resume)
+    name = run_name or resolve_run_name(cfg, storage, resume)
     filesystem, storage_inside = filesystem_for(storage)
     datasets = {"train": train_dataset}
     if validation_dataset is not None:
@@ -78,7 +108,8 @@ def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.to_dict(), "has_validation": validation_dataset is not None,
-                           "tokenizer_path": tokenizer_path, "mlflow_run_id": mlflow_run_id},
+                           "tokenizer_path": tokenizer_path, "mlflow_run_id": mlflow_run_id,
+                           "tracking_uri": resolve_tracking_uri(cfg.tracking), "run_name": name},
         scaling_config=ScalingConfig(
             num_workers=cfg.world_size, use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.resources.cpus_per_worker,

@@ -102,7 +102,33 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_train)
 
 
-SUBCOMMANDS = (add_config, add_info, add_train)
+def run_export(args: argparse.Namespace) -> int:
+    # imported here: torch and MLflow take seconds to import
+    from raytron.export.consolidate import CheckpointError
+    from raytron.export.from_checkpoint import RegistrationError, export_checkpoint
+
+    try:
+        result = export_checkpoint(args.checkpoint, args.out, register=not args.no_register)
+    except (CheckpointError, RegistrationError) as error:
+        print(f"raytron export: {error}", file=sys.stderr)
+        return 1
+    version = result.model_version
+    registered = {"registered_model": version.name, "version": version.version} if version else {}
+    print(json.dumps({"folder": str(result.folder), **result.lineage, **registered}, indent=2))
+    return 0
+
+
+def add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="checkpoint of any dp/pp/tp -> Hugging Face folder -> "
+                                                  "MLflow registered model version")
+    parser.add_argument("checkpoint", help="checkpoint folder: local path or s3://bucket/prefix")
+    parser.add_argument("out", help="local folder for the Hugging Face model")
+    parser.add_argument("--no-register", action="store_true",
+                        help="only write the folder; do not log it to MLflow or register a version")
+    parser.set_defaults(run=run_export)
+
+
+SUBCOMMANDS = (add_config, add_info, add_train, add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
     except (ResourceError, StorageError, TrainingStopped) as error:
         print(f"raytron train: {error}", file=sys.stderr)
         return 1
-    summary = {key: value for key, value in result.metrics.items() if key not in ("losses", "grad_norms", "data_ids")}
+    summary = {key: value for key, value in result.metrics.items() if key not in ("losses", "grad_norms")}
     print(json.dumps({"run": result.run_name, "storage_path": result.storage_path,
                       "checkpoint": result.checkpoint.path if result.checkpoint else None, "last_step": summary},
                      indent=2))

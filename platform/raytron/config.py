@@ -134,6 +134,8 @@ class TrainConfig(Section):
     """Worker-group restarts Ray Train may do after a failure (-1: unlimited)."""
     export: bool = False
     """Export the final model to Hugging Face format and register it in MLflow."""
+    data_ledger: str | None = None
+    """Local folder where each DP reader appends the block ids it consumed per step (exactly-once audits)."""
 
 
 class DataConfig(Section):

@@ -1,5 +1,6 @@
-"""Test-only fault injection: ``RAYTRON_FAULT=rank:step:marker`` makes that rank's process die
-(``os._exit``) after that step, once (the marker file records that it happened)."""
+"""Test-only fault injection: ``RAYTRON_FAULT=rank:step:marker`` in the driver's environment makes
+that rank's worker process die (``os._exit``) after that step, once (the marker file records that
+it happened). The driver forwards the variable to the workers with the train loop config."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 from pathlib import Path
 
 
-def maybe_crash(rank: int, step: int) -> None:
-    spec = os.environ.get("RAYTRON_FAULT")
+ENV_VAR = "RAYTRON_FAULT"
+
+
+def maybe_crash(spec: str | None, rank: int, step: int) -> None:
     if not spec:
         return
     crash_rank, crash_step, marker = spec.split(":", 2)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 from raytron.config import RaytronConfig
 from raytron.parallel.topology import Topology
@@ -16,6 +18,12 @@ from raytron.train.session import Session
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def record_consumed(ledger: Path, dp_index: int, step: int, ids: list[int]) -> None:
+    ledger.mkdir(parents=True, exist_ok=True)
+    with open(ledger / f"dp{dp_index}.jsonl", "a") as out:
+        out.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -60,6 +68,7 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
             meta = CheckpointMeta(step, batches.position, cfg.to_dict(), cfg.padded_vocab_size, mlflow_run_id)
             checkpoint = save_checkpoint(session.scratch_dir(step), engine, batches, meta, tokenizer_path)
             metrics["checkpoint_time_s"] = time.perf_counter() - started
-        metrics["data_ids"] = batches.last_ids
+        if cfg.train.data_ledger and batches.is_reader:
+            record_consumed(Path(cfg.train.data_ledger), topology.dp_index, step, batches.last_ids)
         session.report(metrics, checkpoint)
     return {**metrics, "losses": losses, "grad_norms": grad_norms}

@@ -24,9 +24,11 @@ class RayDatasetSource:
 
 
 class RaySession:
-    def __init__(self, rank: int, log_metrics: Callable[[dict, int], None] | None = None):
+    def __init__(self, rank: int, log_metrics: Callable[[dict, int], None] | None = None,
+                 fault: str | None = None):
         self.rank = rank
         self.log_metrics = log_metrics
+        self.fault = fault
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -49,4 +51,4 @@ class RaySession:
                              checkpoint_dir_name=f"checkpoint_{step:08d}", delete_local_checkpoint_after_upload=True)
         if self.log_metrics is not None:
             self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
-        maybe_crash(self.rank, step)
+        maybe_crash(self.fault, self.rank, step)

@@ -18,6 +18,7 @@ from raytron.parallel.topology import Topology
 from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
 from raytron.train.checkpoint import META_FILE
 from raytron.train.cluster import ensure_resources
+from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from raytron.train.loop import NonFiniteLoss, train
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.train.prometheus import TrainingGauges
@@ -47,7 +48,7 @@ def _worker(payload: dict) -> dict:
     topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     validation = ray.train.get_dataset_shard("validation") if payload["has_validation"] else None
     rank = context.get_world_rank()
-    session = RaySession(rank, _rank_zero_publisher(payload) if rank == 0 else None)
+    session = RaySession(rank, _rank_zero_publisher(payload) if rank == 0 else None, payload.get("fault"))
     try:
         return train(cfg, topology, session, RayDatasetSource(ray.train.get_dataset_shard("train")),
                      RayDatasetSource(validation) if validation is not None else None,
@@ -109,7 +110,8 @@ def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool
         _worker,
         train_loop_config={"config": cfg.to_dict(), "has_validation": validation_dataset is not None,
                            "tokenizer_path": tokenizer_path, "mlflow_run_id": mlflow_run_id,
-                           "tracking_uri": resolve_tracking_uri(cfg.tracking), "run_name": name},
+                           "tracking_uri": resolve_tracking_uri(cfg.tracking), "run_name": name,
+                           "fault": os.environ.get(FAULT_ENV_VAR)},
         scaling_config=ScalingConfig(
             num_workers=cfg.world_size, use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.resources.cpus_per_worker,

@@ -24,10 +24,7 @@ from raytron.config import RaytronConfig, build_config
 from raytron.model.gpt import GPT
 from raytron.parallel.sharding import unshard
 from raytron.storage import filesystem_for, is_remote
-from raytron.train.checkpoint import META_FILE, CheckpointMeta
-
-MODEL_DIR = "model"
-TOKENIZER_FILE = "tokenizer.json"
+from raytron.train.checkpoint import META_FILE, MODEL_DIR, TOKENIZER_FILE, CheckpointMeta, shard_file
 EXPORT_INPUTS = (MODEL_DIR, META_FILE, TOKENIZER_FILE)
 """What export reads from a checkpoint; the rest (engine, optimizer, RNG) stays where it is."""
 
@@ -50,10 +47,6 @@ class ConsolidatedCheckpoint:
             model = GPT(self.config.model, padded_vocab=self.meta.padded_vocab_size)
         model.load_state_dict(self.state, strict=True, assign=True)
         return model.eval()
-
-
-def shard_file_name(pp_index: int, tp_index: int) -> str:
-    return f"{MODEL_DIR}/pp{pp_index}-tp{tp_index}.safetensors"
 
 
 @contextlib.contextmanager
@@ -94,7 +87,7 @@ def _gather_stages(folder: Path, config: RaytronConfig,
     """Full tensors of every stage, and for each name the files it came from (for error messages)."""
     state: dict[str, torch.Tensor] = {}
     origins: dict[str, list[str]] = {}
-    layout = [[shard_file_name(pp_index, tp_index) for tp_index in range(config.parallel.tp)]
+    layout = [[shard_file(pp_index, tp_index) for tp_index in range(config.parallel.tp)]
               for pp_index in range(config.parallel.pp)]
     missing = [file for files in layout for file in files if not (folder / file).is_file()]
     if missing:
@@ -123,7 +116,7 @@ def _unshard_stage(folder: Path, files: list[str], checkpoint: str) -> dict[str,
                 raise CheckpointError(f"{checkpoint}: {file} was written with tp={metadata.get('tp')}, "
                                       f"the config says tp={len(files)}")
             # each entry is itself JSON: name -> "[dim, parts]"
-            splits = {name: tuple(json.loads(split)) for name, split in json.loads(metadata["tp_split"]).items()}
+            splits = {name: tuple(split) for name, split in json.loads(metadata["tp_split"]).items()}
             shards.append({name: reader.get_tensor(name) for name in reader.keys()})
     names = shards[0].keys()
     for file, shard in zip(files[1:], shards[1:]):

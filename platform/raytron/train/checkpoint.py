@@ -25,9 +25,16 @@ from safetensors.torch import save_file
 from raytron.train.batches import DataPosition, StepBatches
 from raytron.train.engine import TrainingEngine
 
+MODEL_DIR = "model"
+TOKENIZER_FILE = "tokenizer.json"
 ENGINE_DIR = "deepspeed"
 ENGINE_TAG = "state"
 META_FILE = "meta.json"
+
+
+def shard_file(pp_index: int, tp_index: int) -> str:
+    """Where the (pp, tp) weight shard lives inside a checkpoint."""
+    return f"{MODEL_DIR}/pp{pp_index}-tp{tp_index}.safetensors"
 
 
 @dataclass
@@ -55,15 +62,14 @@ def save_checkpoint(folder: Path, engine: TrainingEngine, batches: StepBatches, 
     (folder / "rng").mkdir(exist_ok=True)
     torch.save(engine.rng_states(), folder / "rng" / f"rank-{topology.rank:05d}.pt")
     if topology.dp_index == 0:
-        (folder / "model").mkdir(exist_ok=True)
-        splits = engine.tp_splits()
-        metadata = {name: json.dumps(list(split)) for name, split in splits.items()}
-        save_file(engine.gpt_state(), folder / "model" / f"pp{topology.pp_index}-tp{topology.tp_index}.safetensors",
-                  metadata={"tp_split": json.dumps(metadata), "tp": str(topology.layout.tp)})
+        (folder / MODEL_DIR).mkdir(exist_ok=True)
+        splits = {name: list(split) for name, split in engine.tp_splits().items()}
+        save_file(engine.gpt_state(), folder / shard_file(topology.pp_index, topology.tp_index),
+                  metadata={"tp_split": json.dumps(splits), "tp": str(topology.layout.tp)})
     if topology.rank == 0:
         (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
         if tokenizer_path:
-            shutil.copy(tokenizer_path, folder / "tokenizer.json")
+            shutil.copy(tokenizer_path, folder / TOKENIZER_FILE)
     return folder
 
 

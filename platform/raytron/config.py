@@ -145,6 +145,8 @@ class DataConfig(Section):
     """Path/URL of a tokenizer.json; default trains one on the corpus."""
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Share of documents held out for validation."""
+    demo_corpus_bytes: PositiveInt = 3_000_000
+    """Size of the built-in docstring corpus when source is 'demo'."""
 
 
 class TrackingConfig(Section):

@@ -31,6 +31,9 @@ def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     parsed = urlparse(endpoint) if endpoint else None
     fs = pafs.S3FileSystem(
+        # explicit keys travel with the pickled filesystem to Ray workers started without them
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
         endpoint_override=parsed.netloc if parsed else None,
         scheme=parsed.scheme if parsed else "https",
         region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -63,3 +66,8 @@ def list_dirs(url: str) -> list[str]:
     except OSError as error:
         raise StorageError(f"cannot list {url}: {error}") from None
     return sorted(Path(info.path).name for info in infos if info.type == pafs.FileType.Directory)
+
+
+def checkpoint_url(storage: str, path_inside: str) -> str:
+    """A Ray checkpoint's path (inside its filesystem) back as a URL of the same kind as ``storage``."""
+    return f"s3://{path_inside}" if is_remote(storage) else path_inside

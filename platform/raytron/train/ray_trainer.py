@@ -14,6 +14,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytron.config import RaytronConfig, build_config
+from raytron.export.from_checkpoint import ExportResult
 from raytron.parallel.topology import Topology
 from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
 from raytron.train.checkpoint import META_FILE
@@ -36,6 +37,8 @@ class TrainingResult:
     """The last step's metrics (rank 0)."""
     checkpoint: ray.train.Checkpoint | None
     storage_path: str
+    export: ExportResult | None = None
+    """The ExportResult when train.export is on."""
 
 
 def _worker(payload: dict) -> dict:

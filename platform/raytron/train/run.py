@@ -9,21 +9,20 @@ import ray
 
 from raytron.config import RaytronConfig
 from raytron.data.demo_data import demo_data
+from raytron.export.from_checkpoint import export_checkpoint
+from raytron.storage import checkpoint_url
 from raytron.tracking.mlflow_run import RunTracker
 from raytron.train.cluster import connect
 from raytron.train.ray_trainer import TrainingResult, fit, latest_checkpoint_meta, resolve_run_name
 
 log = logging.getLogger(__name__)
 
-DEMO_CORPUS_BYTES = 3_000_000
-
-
 def training_datasets(cfg: RaytronConfig, workdir: Path):
     """(train, validation, tokenizer path) as Ray Datasets of packed blocks."""
     if cfg.data.source != "demo":
         raise NotImplementedError(
             f"data.source: {cfg.data.source!r} needs `raytron prepare` (data pipeline issue); use 'demo' for now")
-    data = demo_data(workdir, DEMO_CORPUS_BYTES, cfg.model.vocab_size, cfg.train.seq_len,
+    data = demo_data(workdir, cfg.data.demo_corpus_bytes, cfg.model.vocab_size, cfg.train.seq_len,
                      cfg.data.validation_fraction)
     if data.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer has {data.vocab_size} tokens")
@@ -49,4 +48,7 @@ def run_training(cfg: RaytronConfig, resume: bool = False, workdir: str | Path =
     tracker.finish("FINISHED")
     if tracker.errors:
         log.warning("%d MLflow calls failed during this run (training was not affected)", tracker.errors)
+    if cfg.train.export and result.checkpoint is not None:
+        result.export = export_checkpoint(checkpoint_url(cfg.train.storage_path, result.checkpoint.path),
+                                          Path(workdir).absolute() / "exports" / result.run_name)
     return result

@@ -16,22 +16,21 @@ class ResourceError(RuntimeError):
     pass
 
 
-def connect(cfg: RaytronConfig) -> None:
-    """Join $RAY_ADDRESS, else a running local cluster, else start one sized for the run."""
+def connect(cfg: RaytronConfig) -> str | None:
+    """Join $RAY_ADDRESS, else a running local cluster, else start one sized for the run.
+    Returns the dashboard URL when this call connected."""
     if ray.is_initialized():
-        return
+        return None
     address = os.environ.get("RAY_ADDRESS")
     if address is None:
         try:
-            ray.init(address="auto", runtime_env={"py_modules": [str(PACKAGE_DIR)]})
-            return
+            return ray.init(address="auto", runtime_env={"py_modules": [str(PACKAGE_DIR)]}).dashboard_url
         except ConnectionError:
             # Train workers take a CPU each and Ray Data needs some too: over-subscribe
             # logical CPUs so a 2-core laptop does not deadlock (seen with Ray Data).
             logical_cpus = max(os.cpu_count() or 1, int(cfg.world_size * cfg.resources.cpus_per_worker) + 2)
-            ray.init(num_cpus=logical_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
-            return
-    ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]})
+            return ray.init(num_cpus=logical_cpus, include_dashboard=True, dashboard_host="127.0.0.1").dashboard_url
+    return ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}).dashboard_url
 
 
 def ensure_resources(cfg: RaytronConfig) -> None:

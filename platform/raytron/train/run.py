@@ -27,6 +27,9 @@ def training_datasets(cfg: RaytronConfig, workdir: Path):
     if data.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer has {data.vocab_size} tokens")
 
+    # per-step iteration would redraw a bar per dataset on every step: noise, not progress
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
     def as_dataset(blocks):
         return ray.data.from_items([{"tokens": row, "id": index} for index, row in enumerate(blocks)])
     return as_dataset(data.train_blocks), as_dataset(data.validation_blocks), str(data.tokenizer_path)

@@ -10,7 +10,7 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed JIT-builds ops with gcc; keep the build cache with the venv so it happens once.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,12 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_model.py
+	$(PY) bench/bench_train.py
+
+# The MLflow UI over the embedded store that `make demo` and `raytron train` write by default.
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -116,6 +116,8 @@ def build_pipeline(cfg: ModelConfig, topology: Topology, layers: LayerFactory, p
         # blocks are balanced across stages; embedding and head ride on the first and last
         partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        # only blocks: a reentrant checkpoint of the embedding (integer input) would cut its gradient
+        checkpointable_layers=["BlockStage"],
     )
     named = ((gpt_name(name, cfg.num_layers), param) for name, param in module.named_parameters())
     initialize_parameters(named, cfg, seed, layers)

@@ -55,15 +55,19 @@ def test_layout_matches_serial_losses(layout, serial_losses, ray_cluster, text_b
 
 def test_dp2_run_survives_a_killed_worker_and_matches_serial(serial_losses, ray_cluster, text_blocks, tmp_path,
                                                               monkeypatch):
-    """Run B (dp=2) loses rank 1's process after step 5; Ray Train restarts the group from the
-    step-4 checkpoint. Its losses equal the uninterrupted serial run A's, and the data ledger shows
-    every block consumed exactly once (the replayed step 5 re-reads the very same blocks)."""
+    """Run B (dp=2) loses rank 1's process after step 5; Ray Train restarts the group from its
+    latest registered checkpoint. Its losses equal the uninterrupted serial run A's, and the
+    data ledger shows every block consumed exactly once (replayed steps re-read the same blocks)."""
     marker, ledger = tmp_path / "fault-marker", tmp_path / "ledger"
     monkeypatch.setenv("RAYTRON_FAULT", f"1:5:{marker}")
     losses = run(tmp_path, text_blocks, DP2 + ["train.checkpoint_every=2", "train.max_failures=1",
                                                f"train.data_ledger={ledger}"], "killed")
     assert marker.exists(), "the fault was never injected"
-    assert sorted(losses) == list(range(5, STEPS + 1))  # the restarted attempt resumed after step 4
+    # Ray registers a checkpoint once it has every worker's report: depending on timing the
+    # step-4 one may not be registered before the kill is noticed, so resume after step 2 or 4
+    first = min(losses)
+    assert first in (3, 5), f"restarted attempt began at step {first}, not after a checkpoint"
+    assert sorted(losses) == list(range(first, STEPS + 1))
     for step, loss in losses.items():
         assert abs(loss - serial_losses[step]) < TOLERANCE, (step, loss, serial_losses[step])
 
@@ -72,7 +76,8 @@ def test_dp2_run_survives_a_killed_worker_and_matches_serial(serial_losses, ray_
         for line in (ledger / f"dp{dp_index}.jsonl").read_text().splitlines():
             record = json.loads(line)
             reads[dp_index, record["step"]].append(record["ids"])
-    assert len(reads[0, 5]) == 2 and len(reads[1, 5]) == 2  # step 5 ran before and after the kill
+    for step in range(first, 6):  # ran before and after the kill
+        assert len(reads[0, step]) == 2 and len(reads[1, step]) == 2, step
     assert all(len({tuple(ids) for ids in replays}) == 1 for replays in reads.values())
     consumed = sorted(i for replays in reads.values() for i in replays[0])
     assert consumed == list(range(4 * STEPS))  # global batch 4 x 10 steps: each block exactly once

@@ -35,6 +35,8 @@ class TensorParallelLayers:
         return F.linear(copy_to_tp(hidden, self.group), embedding_weight)  # (B, T, V/tp)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:  # nothing to reduce: torch's fused kernel is about twice as fast
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         vocab_start = self.group.rank * logits.shape[-1]
         return vocab_parallel_cross_entropy(logits, targets, self.group, vocab_start)
 

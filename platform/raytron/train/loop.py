@@ -70,5 +70,7 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
             metrics["checkpoint_time_s"] = time.perf_counter() - started
         if cfg.train.data_ledger and batches.is_reader:
             record_consumed(Path(cfg.train.data_ledger), topology.dp_index, step, batches.last_ids)
-        session.report(metrics, checkpoint)
+        if checkpoint is not None or _due(step, cfg.train.log_every, cfg.train.steps):
+            session.report(metrics, checkpoint)
+        session.publish(metrics)
     return {**metrics, "losses": losses, "grad_norms": grad_norms}

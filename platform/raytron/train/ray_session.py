@@ -42,13 +42,18 @@ class RaySession:
     def scratch_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raytron-step{step}-rank{self.rank}-"))
 
-    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+    def publish(self, metrics: dict) -> None:
         step = int(metrics["step"])
+        if self.log_metrics is not None:
+            self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+        maybe_crash(self.fault, self.rank, step)
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+        # Train V2's controller collects one report per worker per poll (every ~2 s): reporting
+        # every step would pace training at the poll interval, so the loop reports sparingly.
         if checkpoint is None:
             ray.train.report(metrics)
         else:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
-                             checkpoint_dir_name=f"checkpoint_{step:08d}", delete_local_checkpoint_after_upload=True)
-        if self.log_metrics is not None:
-            self.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
-        maybe_crash(self.fault, self.rank, step)
+                             checkpoint_dir_name=f"checkpoint_{int(metrics['step']):08d}",
+                             delete_local_checkpoint_after_upload=True)

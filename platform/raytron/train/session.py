@@ -18,8 +18,12 @@ class Session(Protocol):
     def latest_checkpoint(self) -> ContextManager[Path | None]:
         """The newest complete checkpoint folder, or None on a fresh start."""
 
+    def publish(self, metrics: dict) -> None:
+        """Every step's metrics (cheap: no synchronisation between workers)."""
+
     def report(self, metrics: dict, checkpoint: Path | None) -> None:
-        """Publish metrics; when ``checkpoint`` is given this rank's part of it is persisted."""
+        """A synchronising report on log and checkpoint steps; with ``checkpoint`` this rank's
+        part of it is persisted."""
 
     def scratch_dir(self, step: int) -> Path:
         """A folder to write this rank's part of a checkpoint into."""
@@ -57,8 +61,10 @@ class LocalSession:
         _barrier()
         return folder
 
-    def report(self, metrics: dict, checkpoint: Path | None) -> None:
+    def publish(self, metrics: dict) -> None:
         self.history.append(metrics)
+
+    def report(self, metrics: dict, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
         _barrier()  # every rank's files are written

@@ -8,14 +8,13 @@ round by round, order reversed every other round so drift in machine load hits e
            in the same order, the same torch threads
   ray      raytron.train.ray_trainer.fit with 1 worker, fp32, and an MLflow run (sqlite in a
            temp folder), as `raytron train` does
-  ray-report10   what-if, not the platform as it is: the same, but the wrapped worker calls
-           ray.train.report only every 10th step and on checkpoint steps (MLflow still every step)
 
 Steady state excludes the first --warmup steps and the last step (its checkpoint lands in it):
 tokens/s = tokens per step x steps in the window / wall time of the window. For the bare loop the
 window is timed around the whole iteration; for Ray the train function is wrapped (see below) and
-the window runs from the end of step `warmup`'s report to the end of step `steps-1`'s, so it holds
-everything a step costs: data, compute, ray.train.report, MLflow, Prometheus. The per-step losses of
+the window runs from the end of step `warmup`'s publish to the end of step `steps-1`'s, so it holds
+everything a step costs: data, compute, ray.train.report (on log and checkpoint steps), MLflow,
+Prometheus. The per-step losses of
 bare and Ray are compared too (same model, data and optimizer must give the same numbers).
 
 Part 2, start-up (goal <= 20 s): a child process (so the clock starts at process creation) does
@@ -27,7 +26,7 @@ controller's own milestones read from Ray Train's system log.
 Worker-side timestamps: the platform has no hook for them, so the bench replaces
 raytron.train.ray_trainer._worker in this process with a wrapper (no file is edited). Ray pickles the
 wrapper by value; in the worker it patches, for that process only, deepspeed.init_distributed,
-loop.TrainingEngine (init, train_step), loop.StepBatches.next, RaySession.report and
+loop.TrainingEngine (init, train_step), loop.StepBatches.next, RaySession.report/publish and
 ray.train.report to note time.time(), calls the real _worker, and writes the marks to a JSON file.
 
     .venv/bin/python bench/bench_train.py                 # both parts (~4-5 minutes on 2 shared cores)
@@ -98,10 +97,8 @@ def start_ray(num_cpus: int, dashboard: bool) -> None:
 # ---------------------------------------------------------------- worker-side timestamps
 
 
-def timed_worker_factory(marks_dir: str, report_every: int = 1):
-    """The wrapper put in place of ray_trainer._worker (a closure: Ray ships it by value).
-    ``report_every`` > 1 is a what-if: ray.train.report is called only every that many steps and
-    on checkpoint steps (MLflow and Prometheus still get every step)."""
+def timed_worker_factory(marks_dir: str):
+    """The wrapper put in place of ray_trainer._worker (a closure: Ray ships it by value)."""
 
     def timed_worker(payload: dict) -> dict:
         entered = time.time()
@@ -113,10 +110,9 @@ def timed_worker_factory(marks_dir: str, report_every: int = 1):
 
         marks = {"process_created": psutil.Process().create_time(), "entered": entered, "imported": time.time(),
                  "step_end": [], "batch_ready": [], "report_end": [], "report_s": [], "ray_report_s": []}
-        skip = [False]
         saved = (deepspeed.init_distributed, loop.TrainingEngine, loop.StepBatches,
-                 ray_session.RaySession.report, ray.train.report)
-        init_distributed, engine_cls, batches_cls, session_report, train_report = saved
+                 ray_session.RaySession.report, ray_session.RaySession.publish, ray.train.report)
+        init_distributed, engine_cls, batches_cls, session_report, session_publish, train_report = saved
 
         def timed_init_distributed(*a, **k):
             marks["init_distributed_start"] = time.time()
@@ -141,35 +137,44 @@ def timed_worker_factory(marks_dir: str, report_every: int = 1):
                 marks["batch_ready"].append(time.time())
                 return out
 
+        pending = {"report_s": 0.0, "ray_report_s": 0.0}  # report time since the last publish
+
         def timed_session_report(self, metrics, checkpoint):
-            skip[0] = report_every > 1 and checkpoint is None and int(metrics["step"]) % report_every != 0
             started = time.perf_counter()
             session_report(self, metrics, checkpoint)
-            marks["report_s"].append(time.perf_counter() - started)
+            pending["report_s"] += time.perf_counter() - started
+
+        def timed_session_publish(self, metrics):
+            # every step ends with publish (the loop reports to Ray only on log/checkpoint steps)
+            started = time.perf_counter()
+            session_publish(self, metrics)
+            marks["report_s"].append(pending["report_s"] + time.perf_counter() - started)
+            marks["ray_report_s"].append(pending["ray_report_s"])
+            pending.update(report_s=0.0, ray_report_s=0.0)
             marks["report_end"].append(time.time())
 
         def timed_train_report(*a, **k):
             started = time.perf_counter()
-            if not skip[0]:
-                train_report(*a, **k)
-            marks["ray_report_s"].append(time.perf_counter() - started)
+            train_report(*a, **k)
+            pending["ray_report_s"] += time.perf_counter() - started
 
         deepspeed.init_distributed = timed_init_distributed
         loop.TrainingEngine, loop.StepBatches = TimedEngine, TimedBatches
         ray_session.RaySession.report = timed_session_report
+        ray_session.RaySession.publish = timed_session_publish
         ray.train.report = timed_train_report
         try:
             return real._worker(payload)
         finally:
             (deepspeed.init_distributed, loop.TrainingEngine, loop.StepBatches,
-             ray_session.RaySession.report, ray.train.report) = saved
+             ray_session.RaySession.report, ray_session.RaySession.publish, ray.train.report) = saved
             rank = ray.train.get_context().get_world_rank()
             Path(marks_dir, f"rank{rank}.json").write_text(json.dumps(marks))
 
     return timed_worker
 
 
-def timed_fit(cfg: RaytronConfig, dataset, marks_dir: Path, mlflow: bool, run_name: str, report_every: int = 1,
+def timed_fit(cfg: RaytronConfig, dataset, marks_dir: Path, mlflow: bool, run_name: str,
               driver_marks: dict | None = None):
     """fit() with the wrapped worker; returns (result, {rank: marks})."""
     from raytron.tracking.mlflow_run import RunTracker
@@ -180,7 +185,7 @@ def timed_fit(cfg: RaytronConfig, dataset, marks_dir: Path, mlflow: bool, run_na
     if driver_marks is not None:
         driver_marks["mlflow_run"] = time.time()
     original = ray_trainer._worker
-    ray_trainer._worker = timed_worker_factory(str(marks_dir), report_every)
+    ray_trainer._worker = timed_worker_factory(str(marks_dir))
     try:
         result = ray_trainer.fit(cfg, dataset, mlflow_run_id=tracker.run_id if tracker else None, run_name=run_name)
     finally:
@@ -221,8 +226,8 @@ def run_bare(cfg: RaytronConfig, rows: np.ndarray) -> dict:
     return {"ends": ends, "losses": losses}
 
 
-def run_ray(cfg: RaytronConfig, rows: np.ndarray, workdir: Path, tag: str, report_every: int = 1) -> dict:
-    result, marks = timed_fit(cfg, as_dataset(rows), workdir / "marks", True, tag, report_every)
+def run_ray(cfg: RaytronConfig, rows: np.ndarray, workdir: Path, tag: str) -> dict:
+    result, marks = timed_fit(cfg, as_dataset(rows), workdir / "marks", True, tag)
     m = marks[0]
     return {"ends": m["report_end"], "losses": {int(k): v for k, v in result.metrics["losses"].items()},
             "report_s": m["report_s"], "ray_report_s": m["ray_report_s"], "step_end": m["step_end"],
@@ -282,8 +287,7 @@ def throughput(args) -> None:
                 if name == "bare":
                     run = run_bare(cfg_run, rows)
                 else:
-                    report_every = int(name[len("ray-report"):]) if name.startswith("ray-report") else 1
-                    run = run_ray(cfg_run, rows, workdir, f"{name}-{round_index}", report_every)
+                    run = run_ray(cfg_run, rows, workdir, f"{name}-{round_index}")
                 figures = steady(run, args.warmup, tokens_per_step)
                 figures["load"] = f"{before} -> {load()}"
                 results[name].append(figures)
@@ -441,8 +445,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state window")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="bare,ray,ray-report10",
-                        help="bare, ray (raytron as it is), ray-reportN (what-if: ray.train.report every N steps)")
+    parser.add_argument("--variants", default="bare,ray", help="bare (plain torch loop), ray (raytron train)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)

@@ -53,7 +53,7 @@ class CheckpointMeta:
         return cls(**raw)
 
 
-def save_checkpoint(folder: Path, engine: TrainingEngine, batches: StepBatches, meta: CheckpointMeta,
+def save_checkpoint(folder: Path, engine: TrainingEngine, meta: CheckpointMeta,
                     tokenizer_path: str | None = None) -> Path:
     """Write this rank's part of the checkpoint for ``meta.step`` into ``folder``."""
     topology = engine.topology

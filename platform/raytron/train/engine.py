@@ -112,16 +112,18 @@ class TrainingEngine:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def _gpt_named_parameters(self):
+        """(serial GPT name, parameter) of this rank's module: pipeline stages translate their names."""
+        rename = functools.partial(gpt_name, num_layers=self.cfg.model.num_layers) if self.pipelined else str
+        return ((rename(name), param) for name, param in self.engine.module.named_parameters())
+
     def gpt_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters (TP shards of its pipeline stage), named as in the serial GPT."""
-        rename = functools.partial(gpt_name, num_layers=self.cfg.model.num_layers) if self.pipelined else str
-        return {rename(name): param.detach().float().cpu() for name, param in self.engine.module.named_parameters()}
+        return {name: param.detach().float().cpu() for name, param in self._gpt_named_parameters()}
 
     def tp_splits(self) -> dict[str, tuple[int, int]]:
         """GPT name -> (dim, parts) for every sharded parameter on this rank."""
-        rename = functools.partial(gpt_name, num_layers=self.cfg.model.num_layers) if self.pipelined else str
-        return {rename(name): param.tp_split for name, param in self.engine.module.named_parameters()
-                if hasattr(param, "tp_split")}
+        return {name: param.tp_split for name, param in self._gpt_named_parameters() if hasattr(param, "tp_split")}
 
     def rng_states(self) -> dict:
         """Default and sharded RNG states of this rank (dropout must resume where it left off)."""

@@ -66,7 +66,7 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
         if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
             started = time.perf_counter()
             meta = CheckpointMeta(step, batches.position, cfg.to_dict(), cfg.padded_vocab_size, mlflow_run_id)
-            checkpoint = save_checkpoint(session.scratch_dir(step), engine, batches, meta, tokenizer_path)
+            checkpoint = save_checkpoint(session.scratch_dir(step), engine, meta, tokenizer_path)
             metrics["checkpoint_time_s"] = time.perf_counter() - started
         if cfg.train.data_ledger and batches.is_reader:
             record_consumed(Path(cfg.train.data_ledger), topology.dp_index, step, batches.last_ids)

@@ -145,9 +145,12 @@ class GPT(nn.Module):
         return self.head.output is None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V/tp). ``positions`` (B, T) default 0..T-1;
-        with a ``cache`` keys/values are stored and read per slot."""
+        with a ``cache`` keys/values are stored and read per slot. ``logits_at`` (B,) picks one
+        index per row and returns only its logits, (B, 1, V/tp): a prefill needs just the last
+        prompt position, and the head over every position costs B·T·V."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens, positions)  # (B, T, h)
@@ -156,6 +159,8 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, positions, use_reentrant=False)
             else:
                 x = block(x, positions, cache, slots)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, h)
         return self.head(x, self.embed.tokens.weight if self.tied else None)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Serving metrics through ``ray.util.metrics``; Ray exports each as ``ray_<name>``.
+
+The names are the ones the Grafana serving dashboard reads (dashboards/grafana/raytron-serving.json;
+listed in README). Every series carries the label ``model`` (the served model name).
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+# seconds; CPU decode steps take 10-500 ms, a queued first token can take many seconds
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+class ServeMetrics:
+    def __init__(self, model_name: str):
+        self.tags = {"model": model_name}
+        self.requests = Counter("raytron_serve_requests_total", description="HTTP requests received",
+                                tag_keys=("model",))
+        self.errors = Counter("raytron_serve_errors_total", description="requests answered with an error, by HTTP code",
+                              tag_keys=("model", "code"))
+        self.time_to_first_token = Histogram(
+            "raytron_serve_time_to_first_token_seconds", description="submission to first generated token",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
+        self.inter_token_latency = Histogram(
+            "raytron_serve_inter_token_latency_seconds", description="time between two tokens of one sequence",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
+        self.generated_tokens = Counter("raytron_serve_generated_tokens_total", description="tokens generated",
+                                        tag_keys=("model",))
+        self.running_batch_size = Gauge("raytron_serve_running_batch_size",
+                                        description="sequences in the running batch", tag_keys=("model",))
+
+    def request(self) -> None:
+        self.requests.inc(1, tags=self.tags)
+
+    def error(self, code: int) -> None:
+        self.errors.inc(1, tags={**self.tags, "code": str(code)})
+
+    def step(self, first_token_latencies: list[float], inter_token_latencies: list[float], batch_size: int) -> None:
+        """One engine step: the latencies of the tokens it produced and the batch it leaves running."""
+        for seconds in first_token_latencies:
+            self.time_to_first_token.observe(seconds, tags=self.tags)
+        for seconds in inter_token_latencies:
+            self.inter_token_latency.observe(seconds, tags=self.tags)
+        produced = len(first_token_latencies) + len(inter_token_latencies)
+        if produced:
+            self.generated_tokens.inc(produced, tags=self.tags)
+        self.running_batch_size.set(batch_size, tags=self.tags)

@@ -1,0 +1,62 @@
+"""The model to serve and its tokenizer, from one of three sources.
+
+- ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``: the exported folder of an MLflow
+  registered version (downloaded through ``tracking.mlflow_run.download_model_folder``);
+- a training checkpoint folder (``meta.json``): consolidated from any (dp, pp, tp) layout;
+- an exported Hugging Face folder (``config.json`` with raytron's model config).
+
+The tokenizer always comes from the same artifacts (``tokenizer.json`` beside the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from raytron.config import TrackingConfig
+from raytron.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
+from raytron.export.huggingface import load_huggingface
+from raytron.model.gpt import GPT
+
+MODEL_URI_PREFIX = "models:/"
+
+
+class ModelSourceError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    """TP=1 GPT in eval mode."""
+    tokenizer: Tokenizer
+    eos_id: int | None
+    """End-of-text id (generation stops there); None when the tokenizer has no such token."""
+    origin: str
+    """Where it was read from: the local folder (after any download)."""
+
+
+def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
+    """Resolve ``source`` (see the module docstring) to the model and its tokenizer."""
+    if source.startswith(MODEL_URI_PREFIX):
+        from raytron.tracking.mlflow_run import download_model_folder  # MLflow only for registry sources
+
+        folder = download_model_folder(source, tracking_cfg=TrackingConfig(tracking_uri=tracking_uri))
+        model = load_huggingface(folder)
+    else:
+        folder = Path(source)
+        if (folder / "meta.json").is_file():
+            from raytron.export.consolidate import consolidate_checkpoint
+
+            model = consolidate_checkpoint(folder).new_model()
+        elif (folder / "config.json").is_file():
+            model = load_huggingface(folder)
+        else:
+            raise ModelSourceError(f"model.source: {source!r} is neither models:/NAME/VERSION, models:/NAME@ALIAS, "
+                                   "a training checkpoint folder (meta.json) nor an exported folder (config.json)")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise ModelSourceError(f"model.source: {source!r} has no {TOKENIZER_FILE} beside the weights")
+    tokenizer = load_tokenizer(folder)
+    return LoadedModel(model, tokenizer, special_token_ids(tokenizer).eos, str(folder))

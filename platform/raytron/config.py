@@ -126,6 +126,8 @@ class TrainConfig(Section):
     """How many most recent checkpoints to keep."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model through DeepSpeed's engine.compile (fuses elementwise work; pays off on GPU)."""
     threads: int = Field(0, ge=0)
     """torch intra-op threads per process; 0 keeps torch's default."""
     storage_path: str = "runs"

@@ -1,5 +1,6 @@
 """Engine options against the plain fp32 run on the same data: activation checkpointing recomputes
-exactly the same thing (with and without pipelining); bf16 on CPU trains close to fp32."""
+exactly the same thing (with and without pipelining); bf16 on CPU trains close to fp32;
+torch.compile (train.compile) changes nothing but speed."""
 
 from __future__ import annotations
 
@@ -63,3 +64,9 @@ def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, plain_fp32):
     assert all(np.isfinite(bf16))
     assert bf16 == pytest.approx(fp32, abs=5e-2)
     assert bf16 != fp32  # it really ran in bf16
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels for CPU: about a minute here
+def test_compiled_model_matches_plain_run(tmp_path, plain_fp32):
+    compiled = losses(tmp_path, "compiled", 1, ["train.compile=true"])
+    assert compiled == pytest.approx(plain_fp32, abs=1e-5)

@@ -63,6 +63,8 @@ class TrainingEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     mpu=mpu, config=deepspeed_config(cfg))
+        if train.compile:
+            self.engine.compile()
 
     @property
     def device(self) -> torch.device:

@@ -14,6 +14,7 @@ import sys
 import yaml
 
 from raytron.config import ConfigError, RaytronConfig, load_config, schema_rows
+from raytron.serve.cli import add_serve
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +129,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_export)
 
 
-SUBCOMMANDS = (add_config, add_info, add_train, add_export)
+SUBCOMMANDS = (add_config, add_info, add_train, add_export, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import torch
@@ -26,14 +27,16 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from raytron.config import TrackingConfig
 from raytron.model.sampling import SamplingParams
 from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     completion_body, models_body, new_id, parse_request, text_choice, usage)
 from raytron.serve.engine import Delta, Engine, EngineLimits, RequestTooLarge
 from raytron.serve.metrics import ServeMetrics
-from raytron.serve.model_source import load_model
+from raytron.serve.model_source import MODEL_URI_PREFIX, load_model
 from raytron.serve.settings import ServeConfig, build_serve_config, load_serve_config
+from raytron.tracking.mlflow_run import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +244,19 @@ def config_from_args(args: dict[str, Any] | ServeConfig) -> ServeConfig:
     return build_serve_config(dict(args), "application args")
 
 
+def pinned_to_this_machine(cfg: ServeConfig) -> ServeConfig:
+    """Resolve what replicas would resolve differently in their own working directory: a relative
+    model folder, and the default MLflow store (./mlruns under the cwd)."""
+    model = cfg.model
+    if model.source.startswith(MODEL_URI_PREFIX):
+        tracking_uri = resolve_tracking_uri(TrackingConfig(tracking_uri=model.tracking_uri))
+        return cfg.model_copy(update={"model": model.model_copy(update={"tracking_uri": tracking_uri})})
+    return cfg.model_copy(update={"model": model.model_copy(update={"source": str(Path(model.source).resolve())})})
+
+
 def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     """The Serve application for a serve config (see ``config_from_args``)."""
-    cfg = config_from_args(args)
+    cfg = pinned_to_this_machine(config_from_args(args))
     deployment = cfg.deployment
     options: dict[str, Any] = {"max_ongoing_requests": deployment.max_ongoing_requests,
                                "ray_actor_options": deployment.ray_actor_options.model_dump()}

@@ -1,0 +1,63 @@
+"""``raytron serve CONFIG``: deploy the serve config's app on Ray and block until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def connect(num_cpus_needed: float) -> None:
+    """Join $RAY_ADDRESS, else a running local cluster, else start one with enough logical CPUs.
+    Replicas on a cluster that did not start here get the raytron package as a py_modules runtime env."""
+    import ray
+
+    runtime_env = {"py_modules": [str(PACKAGE_DIR)]}
+    if "RAY_ADDRESS" in os.environ:
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env)
+        return
+    try:
+        ray.init(address="auto", runtime_env=runtime_env)
+    except ConnectionError:
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed) + 1), dashboard_host="127.0.0.1")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    # imported here: Ray and torch take seconds to import and other subcommands need neither
+    from ray import serve
+
+    from raytron.serve.app import run_app
+    from raytron.serve.model_source import ModelSourceError
+    from raytron.serve.settings import load_serve_config
+
+    cfg = load_serve_config(args.config, args.overrides)
+    deployment = cfg.deployment
+    replicas = deployment.num_replicas or (deployment.autoscaling_config.max_replicas
+                                           if deployment.autoscaling_config else 1)
+    connect(replicas * deployment.ray_actor_options.num_cpus)
+    try:
+        url = run_app(cfg)
+    except ModelSourceError as error:
+        print(f"raytron serve: {error}", file=sys.stderr)
+        return 1
+    key = ' -H "Authorization: Bearer $RAYTRON_API_KEY"' if cfg.http.api_key else ""
+    print(f"serving {cfg.model.name} at {url}/v1 (Ctrl-C stops)\n"
+          f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} "
+          f"-d '{{\"model\": \"{cfg.model.name}\", \"prompt\": \"Return the\", \"max_tokens\": 16}}'", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        serve.delete(cfg.app_name)
+    return 0
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve (blocks; prints the URL)")
+    parser.add_argument("config", help="serve YAML (see jobs/configs/serve/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one field, value parsed as YAML; repeatable")
+    parser.set_defaults(run=run_serve)

@@ -1,0 +1,115 @@
+"""Serve config (strict, dotted-field errors, shipped YAMLs), deployment options, request parsing and
+the chat template. No Ray cluster: build_app only builds the application."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from raytron.config import ConfigError
+from raytron.serve.app import build_app
+from raytron.serve.chat_template import TURN_STOPS, render_chat
+from raytron.serve.protocol import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, parse_request
+from raytron.serve.settings import build_serve_config, load_serve_config
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_CONFIGS = REPO / "jobs" / "configs" / "serve"
+SERVE_APP = SERVE_CONFIGS / "serve_app.yaml"
+RAYTRON_SERVE_CONFIGS = sorted(path for path in SERVE_CONFIGS.glob("*.yaml") if path != SERVE_APP)
+
+
+@pytest.mark.parametrize("path", RAYTRON_SERVE_CONFIGS, ids=lambda path: path.name)
+def test_shipped_serve_configs_load(path):
+    cfg = load_serve_config(path)
+    if path.stem.endswith("smoke"):
+        assert cfg.deployment.ray_actor_options.num_gpus == 0 and cfg.http.host == "127.0.0.1"
+    else:
+        assert (SERVE_CONFIGS / f"{path.stem}_smoke.yaml").is_file(), "every real config needs a _smoke twin"
+
+
+def test_serve_config_file_is_valid_and_points_at_build_app():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_APP.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "raytron.serve.app:build_app" and schema.http_options.host == "127.0.0.1"
+    assert (REPO / app.args["config"]).is_file()
+
+
+def test_defaults_listen_on_localhost_only():
+    cfg = build_serve_config({"model": {"source": "models:/m@a"}})
+    assert cfg.http.host == "127.0.0.1" and cfg.http.api_key is None
+
+
+BAD = [
+    ({}, ["model: Field required"]),
+    ({"model": {"source": "x", "nmae": "y"}}, ["model.nmae: Extra inputs", "allowed: source, name, tracking_uri"]),
+    ({"model": {"source": "x"}, "limits": {"max_batch_size": 0}}, ["limits.max_batch_size"]),
+    ({"model": {"source": "x"}, "limits": {"max_tokens": "many"}}, ["limits.max_tokens", "'many'"]),
+    ({"model": {"source": "x"}, "sampling": {"top_p": 0}}, ["sampling.top_p"]),
+    ({"model": {"source": "x"}, "deployment": {"autoscaling_config": {"max_replica": 2}}},
+     ["deployment.autoscaling_config.max_replica", "allowed: min_replicas, max_replicas"]),
+    ({"model": {"source": "x"}, "deployment": {"num_replicas": 2, "autoscaling_config": {}}},
+     ["deployment.num_replicas: set either"]),
+    ({"model": {"source": "x"}, "deployment": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}},
+     ["deployment.autoscaling_config.min_replicas: 3 exceeds max_replicas 2"]),
+    ({"model": {"source": "x"}, "sampling": {"max_tokens": 300}}, ["sampling.max_tokens: default 300 exceeds"]),
+    ({"model": {"source": "x"}, "limits": {"context": 64, "max_tokens": 64}}, ["limits.max_tokens: 64 leaves no room"]),
+    ({"model": {"source": "x"}, "http": {"port": 70000}}, ["http.port"]),
+]
+
+
+@pytest.mark.parametrize("raw,expected", BAD, ids=[", ".join(e[:1]) for _, e in BAD])
+def test_bad_serve_config_names_the_field(raw, expected):
+    with pytest.raises(ConfigError) as error:
+        build_serve_config(raw)
+    for text in expected:
+        assert text in str(error.value)
+
+
+def test_overrides_and_unreadable_files(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("model: {source: models:/m@a}\n")
+    cfg = load_serve_config(path, ["limits.max_batch_size=4", "http.api_key=secret"])
+    assert cfg.limits.max_batch_size == 4 and cfg.http.api_key == "secret"
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_serve_config(tmp_path / "missing.yaml")
+
+
+def test_deployment_options_reach_the_application():
+    autoscaled = build_app(build_serve_config({
+        "model": {"source": "models:/m@a", "tracking_uri": "http://127.0.0.1:1"},
+        "deployment": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4},
+                       "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}, "max_ongoing_requests": 17}}))
+    deployment = autoscaled._bound_deployment
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 3, 4)
+    assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+    assert deployment.max_ongoing_requests == 17
+    fixed = build_app({"model": {"source": "some/folder"}, "deployment": {"num_replicas": 2}})._bound_deployment
+    assert fixed.num_replicas == 2
+    # a relative folder is resolved where the app is built, not in each replica's working dir
+    assert Path(fixed.init_args[0]["model"]["source"]).is_absolute()
+
+
+def test_requests_are_parsed_strictly_and_errors_name_the_parameter():
+    request = parse_request(CompletionRequest, {"model": "m", "prompt": ["a", "b"], "stop": "\n", "temperature": 1})
+    assert request.prompt == ["a", "b"] and request.stops() == ("\n",) and request.temperature == 1.0
+    for body, param in [({"model": "m", "prompt": "a", "max_tokens": 2.0}, "max_tokens"),
+                        ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
+                        ({"model": "m", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+                        ({"model": "m", "prompt": []}, "prompt"),
+                        ({"model": "m", "messages": []}, "messages")]:
+        schema = ChatCompletionRequest if "messages" in body else CompletionRequest
+        with pytest.raises(ApiError) as error:
+            parse_request(schema, body)
+        assert error.value.status == 400 and error.value.param == param
+        assert set(error.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_template_renders_turns_and_opens_the_assistant_turn():
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=" Hi \n"),
+                ChatMessage(role="assistant", content="Hello."), ChatMessage(role="user", content="Why?")]
+    assert render_chat(messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Why?\n\nAssistant:"
+    assert "\n\nUser:" in TURN_STOPS

@@ -14,6 +14,7 @@ import sys
 import yaml
 
 from raytron.config import ConfigError, RaytronConfig, load_config, schema_rows
+from raytron.data.cli import add_prepare, add_tokenizer
 from raytron.serve.cli import add_serve
 
 
@@ -129,7 +130,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_export)
 
 
-SUBCOMMANDS = (add_config, add_info, add_train, add_export, add_serve)
+SUBCOMMANDS = (add_config, add_info, add_train, add_export, add_serve, add_prepare, add_tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

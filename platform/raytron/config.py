@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -141,14 +141,53 @@ class TrainConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = "demo"
-    """Corpus URL (local path or s3://bucket/prefix), or 'demo' for the built-in docstring corpus."""
+    source: str | list[str] = "demo"
+    """Corpus: 'demo' (built-in docstring corpus), or a URL / glob / prefix (local or s3://), or a list of them."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """Input format; 'auto' goes by extension (.jsonl/.json[.gz], .parquet, anything else text; .gz is gunzipped)."""
+    text_field: str = "text"
+    """JSONL key / Parquet column holding each document's text (text files: one document per file)."""
     tokenizer: str | None = None
-    """Path/URL of a tokenizer.json; default trains one on the corpus."""
+    """Path/URL of a tokenizer.json (its size must equal model.vocab_size); default trains one on the corpus."""
+    tokenizer_sample_bytes: PositiveInt = 20_000_000
+    """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
+    prepared: str | None = None
+    """Output URL of the prepared shards + manifest; default <train.storage_path>/prepared/<name>."""
+    mode: Literal["prepared", "streaming"] = "prepared"
+    """'prepared': train from `raytron prepare` shards; 'streaming': tokenize and pack the raw corpus online."""
+    on_bad_record: Literal["fail", "skip"] = "fail"
+    """Bad JSON line, missing/empty text, non-UTF-8 bytes, empty file: 'fail' names file and line; 'skip' counts them."""
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    """Share of documents held out for validation."""
+    """Share of documents held out for validation (chosen by a hash of each document's text)."""
+    shuffle_seed: int = 0
+    """Seed of the per-epoch shuffle of training blocks."""
+    tokenize_actors: PositiveInt = 2
+    """Size of the Ray Data actor pool that tokenizes (each actor loads the tokenizer once)."""
+    tokenize_cpus: float = Field(0.5, gt=0.0)
+    """Ray CPUs reserved per tokenizer actor; below 1 leaves room for read tasks on small clusters."""
+    shard_blocks: PositiveInt = 8192
+    """Blocks (rows of train.seq_len + 1 tokens) per output shard file."""
+    endpoint_url: str | None = None
+    """S3 endpoint for data URLs (MinIO, R2, ...); default $AWS_ENDPOINT_URL, else AWS."""
+    region: str | None = None
+    """S3 region for data URLs; default $AWS_DEFAULT_REGION, else us-east-1."""
     demo_corpus_bytes: PositiveInt = 3_000_000
     """Size of the built-in docstring corpus when source is 'demo'."""
+
+    @field_validator("source")
+    @classmethod
+    def _sources_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        urls = [value] if isinstance(value, str) else value
+        if not urls or any(not url.strip() for url in urls):
+            raise ValueError("needs 'demo' or at least one non-empty URL")
+        if "demo" in urls and len(urls) > 1:
+            raise ValueError("'demo' cannot be combined with other sources")
+        return value
+
+    @property
+    def sources(self) -> list[str]:
+        """``source`` as a list."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
 class TrackingConfig(Section):

@@ -24,11 +24,15 @@ def is_remote(url: str) -> bool:
     return urlparse(url).scheme == "s3"
 
 
-def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a URL; local paths are made absolute."""
+def filesystem_for(url: str, endpoint_url: str | None = None,
+                   region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a URL; local paths are made absolute.
+
+    ``endpoint_url`` / ``region`` override the AWS environment (config-given S3 servers).
+    """
     if not is_remote(url):
         return pafs.LocalFileSystem(), str(Path(url).expanduser().absolute())
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     parsed = urlparse(endpoint) if endpoint else None
     fs = pafs.S3FileSystem(
         # explicit keys travel with the pickled filesystem to Ray workers started without them
@@ -36,13 +40,49 @@ def filesystem_for(url: str) -> tuple[pafs.FileSystem, str]:
         session_token=os.environ.get("AWS_SESSION_TOKEN"),
         endpoint_override=parsed.netloc if parsed else None,
         scheme=parsed.scheme if parsed else "https",
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        region=region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         # fail in seconds, not minutes, when the endpoint is down
         connect_timeout=5, request_timeout=30,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
     )
     bucket_and_key = url[len("s3://"):].rstrip("/")
     return fs, bucket_and_key
+
+
+def join_url(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def read_bytes(url: str, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+    fs, path = filesystem_for(url, endpoint_url, region)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot read {url}: {error}") from None
+
+
+def write_bytes(url: str, data: bytes, endpoint_url: str | None = None, region: str | None = None) -> None:
+    fs, path = filesystem_for(url, endpoint_url, region)
+    try:
+        fs.create_dir(str(Path(path).parent), recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot write {url}: {error}") from None
+
+
+def delete(url: str, endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Remove a file or a whole folder; nothing there is fine."""
+    fs, path = filesystem_for(url, endpoint_url, region)
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot delete {url}: {error}") from None
 
 
 def check_writable(url: str) -> None:

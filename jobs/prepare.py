@@ -1,0 +1,15 @@
+"""`ray job submit` entrypoint for data preparation: python jobs/prepare.py --config CONFIG [--set k=v ...]."""
+
+import sys
+from pathlib import Path
+
+# A job's working dir is this checkout: make the package importable without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from raytron.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--config"]:
+        args = args[1:]
+    sys.exit(main(["prepare", *args]))

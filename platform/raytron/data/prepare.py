@@ -1,0 +1,131 @@
+"""``raytron prepare``: raw corpus -> tokenized, packed shards + manifest, reused when unchanged.
+
+Output goes to ``data.prepared`` (default ``<train.storage_path>/prepared/<name>``).
+If a manifest there has the same fingerprint, nothing is recomputed. Otherwise the old
+manifest is deleted first (the folder no longer looks complete), then the shards and
+tokenizer, and everything is written again at the same paths; the manifest comes last.
+A run killed at any point leaves no manifest, and since every file is a pure function
+of the inputs, a rerun writes exactly what a clean run writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from raytron.config import RaytronConfig
+from raytron.data.encode import split_tokens
+from raytron.data.manifest import (MANIFEST_FILE, SPLITS, Manifest, SplitInfo, fingerprint, read_manifest,
+                                   write_manifest)
+from raytron.data.packing import BlockPacker
+from raytron.data.shards import ShardWriter
+from raytron.data.sources import SourceFile, data_filesystem, list_sources
+from raytron.data.stream import BadRecords, document_dataset
+from raytron.data.tokenizer import TOKENIZER_FILE
+from raytron.data.tokenizer_source import TokenizerSpec, load_configured, train_on_sample
+from raytron.storage import delete, is_remote, join_url, write_bytes
+
+
+class PrepareError(RuntimeError):
+    """The corpus cannot give a usable dataset (no documents, too few tokens for one block)."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    url: str
+    manifest: Manifest
+    reused: bool
+    seconds: float
+    """Wall time of this call (listing, tokenizer, pipeline, writes)."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(split.tokens for split in self.manifest.splits.values())
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """What the summary table shows: per-split documents/tokens/blocks, bad records, throughput, URL."""
+        m = self.manifest
+        rows = [("", "documents", "tokens", "blocks", "dropped tokens")]
+        rows += [(name, f"{s.documents:,}", f"{s.tokens:,}", f"{s.rows:,}", f"{s.dropped_tokens:,}")
+                 for name, s in m.splits.items()]
+        rate = "reused, nothing computed" if self.reused else f"{self.tokens / self.seconds:,.0f} tokens/s"
+        rows += [("bad records", f"{m.bad_records:,}", "", "", ""),
+                 ("time", f"{self.seconds:.1f} s", rate, "", ""),
+                 ("output", self.url, "", "", "")]
+        return rows
+
+
+def prepared_url(cfg: RaytronConfig) -> str:
+    """data.prepared, else <train.storage_path>/prepared/<name>; local paths made absolute (workers read them)."""
+    url = cfg.data.prepared or join_url(cfg.train.storage_path, "prepared", cfg.name)
+    return url if is_remote(url) else str(Path(url).expanduser().absolute())
+
+
+def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: TokenizerSpec | None) -> dict:
+    """Everything the shards depend on (and nothing they do not, such as the actor count)."""
+    data = cfg.data
+    return {
+        "sources": [source.to_dict() for source in sources],
+        "tokenizer": {"sha256": tokenizer.sha256} if tokenizer else
+                     {"trained": {"vocab_size": cfg.model.vocab_size, "sample_bytes": data.tokenizer_sample_bytes}},
+        "seq_len": cfg.train.seq_len, "validation_fraction": data.validation_fraction,
+        "text_field": data.text_field, "on_bad_record": data.on_bad_record, "shard_blocks": data.shard_blocks,
+    }
+
+
+def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResult:
+    """Prepare data.source into prepared_url(cfg), or reuse what is there when the fingerprint matches.
+
+    Connects nothing itself: under a connected Ray cluster it uses that one, otherwise Ray
+    Data starts a local one. 'demo' builds the docstring corpus as JSONL under ``workdir``.
+    """
+    started = time.monotonic()
+    data = cfg.data
+    url = prepared_url(cfg)
+    sources = list_sources(cfg, workdir)
+    given = load_configured(cfg) if data.tokenizer else None
+    settings = identity(cfg, sources, given)
+    digest = fingerprint(settings)
+    existing = read_manifest(url, data.endpoint_url, data.region)
+    if existing is not None and existing.fingerprint == digest:
+        return PrepareResult(url, existing, True, time.monotonic() - started)
+    for name in (MANIFEST_FILE, TOKENIZER_FILE, *SPLITS):  # manifest first: from now on it is not complete
+        delete(join_url(url, name), data.endpoint_url, data.region)
+    tokenizer = given or train_on_sample(cfg, sources)
+    write_bytes(join_url(url, TOKENIZER_FILE), tokenizer.json.encode(), data.endpoint_url, data.region)
+    splits, bad = _write_splits(cfg, url, sources, tokenizer)
+    manifest = Manifest(fingerprint=digest, seq_len=cfg.train.seq_len, splits=splits,
+                        tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
+                        sources=settings.pop("sources"), settings=settings, bad_records=bad.count,
+                        bad_record_examples=bad.examples)
+    write_manifest(url, manifest, data.endpoint_url, data.region)
+    return PrepareResult(url, manifest, False, time.monotonic() - started)
+
+
+def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile],
+                  tokenizer: TokenizerSpec) -> tuple[dict[str, SplitInfo], BadRecords]:
+    fs, base_path = data_filesystem(cfg.data, url)
+    packers = {name: BlockPacker(cfg.train.seq_len) for name in SPLITS}
+    writers = {name: ShardWriter(fs, base_path, url, name, cfg.data.shard_blocks) for name in SPLITS}
+    documents = dict.fromkeys(SPLITS, 0)
+    bad = BadRecords(cfg.data.on_bad_record)
+    for table in document_dataset(cfg, sources, tokenizer.json).iter_batches(batch_size=None,
+                                                                             batch_format="pyarrow"):
+        bad.add(table)
+        for name in SPLITS:
+            tokens, count = split_tokens(table, name == "validation")
+            documents[name] += count
+            writers[name].add(packers[name].add(tokens))
+    if not sum(documents.values()):
+        raise PrepareError(f"data.source: no documents in {len(sources)} input file(s) "
+                           f"({bad.count} bad records, e.g. {bad.examples[:3]})")
+    splits = {}
+    for name in SPLITS:
+        shards = writers[name].close()
+        rows = sum(shard.rows for shard in shards)
+        splits[name] = SplitInfo(rows, documents[name], rows * (cfg.train.seq_len + 1), packers[name].dropped, shards)
+    if not splits["train"].rows:
+        raise PrepareError(f"data.source: {splits['train'].dropped_tokens} training tokens do not fill one block of "
+                           f"train.seq_len + 1 = {cfg.train.seq_len + 1}")
+    return splits, bad

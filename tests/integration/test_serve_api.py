@@ -139,7 +139,8 @@ def test_prompt_list_gives_one_choice_per_prompt(client, local):
 def test_streamed_completion_adds_up_to_the_plain_one(client, served):
     kwargs = dict(model=MODEL_NAME, prompt=TEXTS[1], max_tokens=20, temperature=0.9, seed=5,
                   extra_body={"top_k": 40})  # top_k is an extension: the client sends it as extra body
-    plain = client.completions.create(**kwargs).choices[0]
+    plain_response = client.completions.create(**kwargs)
+    plain, plain_usage = plain_response.choices[0], plain_response.usage
     chunks = list(client.completions.create(**kwargs, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == plain.text
     assert chunks[-1].choices[0].finish_reason == plain.finish_reason
@@ -150,6 +151,8 @@ def test_streamed_completion_adds_up_to_the_plain_one(client, served):
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
     streamed = "".join(json.loads(e.removeprefix("data: "))["choices"][0]["text"] for e in events[:-1])
     assert streamed == plain.text
+    with_usage = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == plain_usage.completion_tokens
 
 
 def test_chat_completion_renders_the_template(client, local):
@@ -165,6 +168,9 @@ def test_chat_completion_renders_the_template(client, local):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == response.choices[0].finish_reason
+    with_usage = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10,
+                                                     temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert with_usage[-1].usage.total_tokens == response.usage.total_tokens
 
 
 LONG_PROMPT = " ".join(TEXTS) * 20  # far beyond the 128-token context

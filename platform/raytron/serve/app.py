@@ -167,10 +167,14 @@ class OpenAIServer:
         prompt_tokens = sum(len(ids) for ids, _ in prepared)
         if body.stream:
             async def events() -> AsyncIterator[str]:
+                generated = 0
                 async for index, delta in self._merged(prepared):
                     if delta.text or delta.finish_reason:
                         choice = text_choice(index, delta.text, delta.finish_reason)
                         yield _sse(completion_body(request_id, name, [choice], None, chunk=True))
+                    generated += delta.completion_tokens if delta.finish_reason else 0
+                if body.include_usage:
+                    yield _sse(completion_body(request_id, name, [], usage(prompt_tokens, generated), chunk=True))
             return self._event_stream(events())
         done = await asyncio.gather(*(self.engine.complete(ids, params) for ids, params in prepared))
         choices = [text_choice(i, d.text, d.finish_reason) for i, d in enumerate(done)]
@@ -183,6 +187,7 @@ class OpenAIServer:
             async def events() -> AsyncIterator[str]:
                 opening = chat_delta({"role": "assistant", "content": ""}, None)
                 yield _sse(completion_body(request_id, name, [opening], None, chunk=True, chat=True))
+                generated = 0
                 async for _, delta in self._merged([prepared]):
                     if delta.text:
                         chunk = chat_delta({"content": delta.text}, None)
@@ -190,6 +195,10 @@ class OpenAIServer:
                     if delta.finish_reason:
                         closing = chat_delta({}, delta.finish_reason)
                         yield _sse(completion_body(request_id, name, [closing], None, chunk=True, chat=True))
+                        generated = delta.completion_tokens
+                if body.include_usage:
+                    counts = usage(len(prepared[0]), generated)
+                    yield _sse(completion_body(request_id, name, [], counts, chunk=True, chat=True))
             return self._event_stream(events())
         done = await self.engine.complete(*prepared)
         return completion_body(request_id, name, [chat_choice(done.text, done.finish_reason)],
@@ -267,13 +276,14 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     return OpenAIServer.options(**options).bind(cfg.model_dump(mode="json"))
 
 
-def app_url(cfg: ServeConfig) -> str:
-    return f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}"
-
-
 def run_app(cfg: ServeConfig) -> str:
-    """Start Serve's proxy on the config's host and port (the first app in a cluster decides them),
-    deploy, wait until the replicas are up and return the base URL."""
+    """Start Serve's proxy on the config's host and port, deploy, wait until the replicas are up and
+    return the base URL. Serve keeps the host and port of its first start in a cluster, so the URL is
+    read back from Serve (a cluster already serving elsewhere says where), not from the config."""
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
-    return app_url(cfg)
+    http = serve.context._get_global_client().get_serve_details()["http_options"]
+    if (http["host"], http["port"]) != (cfg.http.host, cfg.http.port):
+        log.warning("Serve already listened on %s:%s in this cluster; http.host/port of the config are not applied",
+                    http["host"], http["port"])
+    return f"http://{http['host']}:{http['port']}{cfg.http.route_prefix.rstrip('/')}"

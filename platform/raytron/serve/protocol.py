@@ -26,6 +26,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+    """Send one last chunk with ``usage`` and no choices before ``data: [DONE]``."""
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -38,8 +45,13 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, max_length=4)
     n: Literal[1] = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
     """Accepted and ignored (OpenAI uses it for abuse monitoring)."""
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

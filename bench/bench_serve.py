@@ -1,0 +1,275 @@
+"""Serving benchmarks, side by side in one run, on a ~30M-parameter GPT (random init; the weights, not
+Python, dominate a decode step):
+
+1. batching: 16 concurrent HTTP clients send the same seeded requests (mixed max_tokens) to three
+   Serve apps on the same model: our continuous-batching engine, the same engine one sequence at a
+   time (max_batch_size 1), and Ray Serve's @serve.batch request-level batching around
+   `generation.generate` (a batch forms, runs to its longest request, then the next forms).
+   Throughput = completion tokens / wall time; p50/p99 latency and time to first token per request.
+   The three produce the same tokens (per-request seeds, batch-invariant engine), so they do the same work.
+2. http overhead: the same requests through the continuous app vs the engine called in-process at the
+   same concurrency (asyncio tasks in this process).
+3. decode: our KV-cache `generate` vs `transformers` `generate` on the exported weights, batch 1 and 16.
+
+    .venv/bin/python bench/bench_serve.py                 # about 6 minutes on 2 cores
+    .venv/bin/python bench/bench_serve.py --parts decode  # one part
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+from starlette.requests import Request
+from transformers import AutoModelForCausalLM
+
+from bench_model import decode, interleaved, report
+from raytron.config import ModelConfig
+from raytron.data.demo_data import demo_data
+from raytron.export import export_huggingface
+from raytron.model.generation import generate
+from raytron.model.gpt import build_model, count_parameters
+from raytron.model.sampling import SamplingParams
+from raytron.serve.app import build_app
+from raytron.serve.engine import Engine, EngineLimits
+from raytron.serve.model_source import load_model
+from raytron.serve.settings import build_serve_config
+
+MODEL = ModelConfig(flavour="gpt", vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8,
+                    max_position_embeddings=512)
+CLIENTS = 16
+MAX_TOKENS = (16, 32, 64, 128)
+"""Cycled over the requests: mixed lengths are where request-level batching waits for the longest."""
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Outcome:
+    latency: float
+    ttft: float
+    tokens: int
+    text: str
+
+
+def workload(texts: list[str], tokenizer, requests_per_client: int) -> list[list[dict]]:
+    """Per client, its requests in order: prompts of 8-64 tokens, mixed max_tokens, seeded sampling."""
+    plans = []
+    for client in range(CLIENTS):
+        plan = []
+        for round_ in range(requests_per_client):
+            index = client * requests_per_client + round_
+            ids = tokenizer.encode(texts[index % len(texts)]).ids[: 8 + (index * 7) % 57]
+            plan.append({"model": "bench", "prompt": tokenizer.decode(ids), "temperature": 1.0, "seed": index,
+                         "max_tokens": MAX_TOKENS[index % len(MAX_TOKENS)]})
+        plans.append(plan)
+    return plans
+
+
+def stream_request(port: int, path: str, body: dict) -> Outcome:
+    """One streamed completion over HTTP: time to the first text and to [DONE], tokens from usage."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=600)
+    start = time.perf_counter()
+    connection.request("POST", path, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    ttft, text, tokens = None, [], 0
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if chunk["choices"] and chunk["choices"][0]["text"]:
+            ttft = ttft or time.perf_counter() - start
+            text.append(chunk["choices"][0]["text"])
+        tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+    connection.close()
+    latency = time.perf_counter() - start
+    return Outcome(latency, ttft or latency, tokens, "".join(text))
+
+
+def plain_request(port: int, path: str, body: dict) -> Outcome:
+    """One non-streamed completion: the first token arrives with the last."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=600)
+    start = time.perf_counter()
+    connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    reply = json.loads(connection.getresponse().read())
+    connection.close()
+    latency = time.perf_counter() - start
+    return Outcome(latency, latency, reply["usage"]["completion_tokens"], reply["choices"][0]["text"])
+
+
+def run_clients(plans: list[list[dict]], send) -> tuple[float, list[Outcome]]:
+    """Every client sends its requests one after another, all clients at once; wall time and outcomes."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(plans)) as pool:
+        per_client = list(pool.map(lambda plan: [send(body) for body in plan], plans))
+    return time.perf_counter() - start, [o for outcomes in per_client for o in outcomes]
+
+
+def summary(name: str, seconds: float, outcomes: list[Outcome]) -> dict:
+    tokens = sum(o.tokens for o in outcomes)
+    latencies = sorted(o.latency for o in outcomes)
+    ttfts = sorted(o.ttft for o in outcomes)
+    row = {"name": name, "tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+           "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+           "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+    print(f"{name:<34} {row['tokens_per_s']:>8.1f} tok/s  ({tokens} tokens in {seconds:6.1f} s)  "
+          f"latency p50 {row['p50']:6.2f} s p99 {row['p99']:6.2f} s  TTFT p50 {row['ttft_p50']:6.2f} s "
+          f"p99 {row['ttft_p99']:6.2f} s", flush=True)
+    return row
+
+
+@serve.deployment(max_ongoing_requests=64)
+class RequestBatched:
+    """Request-level batching with @serve.batch: whole requests are batched and run to completion together."""
+
+    def __init__(self, folder: str, threads: int):
+        torch.set_num_threads(threads)
+        self.loaded = load_model(folder)
+
+    @serve.batch(max_batch_size=CLIENTS, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, requests: list[tuple[list[int], SamplingParams]]) -> list:
+        loaded = self.loaded
+        prompts, params = [ids for ids, _ in requests], [p for _, p in requests]
+        return await asyncio.get_running_loop().run_in_executor(
+            None, generate, loaded.model, prompts, params, loaded.eos_id, loaded.tokenizer.decode)
+
+    async def __call__(self, request: Request) -> dict:
+        body = await request.json()
+        ids = self.loaded.tokenizer.encode(body["prompt"]).ids
+        params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
+        completion = await self.generate_batch((ids, params))
+        return {"choices": [{"text": completion.text, "finish_reason": completion.finish_reason}],
+                "usage": {"completion_tokens": len(completion.tokens)}}
+
+
+def serve_config(folder: Path, batch: int, threads: int) -> dict:
+    return {"model": {"source": str(folder), "name": "bench"},
+            "limits": {"max_batch_size": batch, "max_tokens": max(MAX_TOKENS), "max_tokens_in_flight": 100_000},
+            "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": threads}}}
+
+
+def bench_batching(folder: Path, plans: list[list[dict]], port: int, threads: int) -> dict[str, list[Outcome]]:
+    apps = {
+        "continuous batching (ours)": ("/cb", build_app(serve_config(folder, CLIENTS, threads)), stream_request),
+        "one at a time": ("/single", build_app(serve_config(folder, 1, threads)), stream_request),
+        "@serve.batch request-level": ("/batch", RequestBatched.options(ray_actor_options={"num_cpus": threads})
+                                       .bind(str(folder), threads), plain_request),
+    }
+    results, rows = {}, {}
+    for name, (prefix, app, send) in apps.items():
+        serve.run(app, name=prefix.strip("/"), route_prefix=prefix)
+        path = f"{prefix}/v1/completions" if send is stream_request else prefix
+        send(port, path, plans[0][0])  # warm-up
+        seconds, outcomes = run_clients(plans, lambda body: send(port, path, body))
+        rows[name] = summary(name, seconds, outcomes)
+        results[name] = outcomes
+        serve.delete(prefix.strip("/"))  # free its cores and memory for the next
+    cb = rows["continuous batching (ours)"]["tokens_per_s"]
+    print(f"continuous / one-at-a-time: {cb / rows['one at a time']['tokens_per_s']:.2f}x (goal >= 4x); "
+          f"continuous / @serve.batch: {cb / rows['@serve.batch request-level']['tokens_per_s']:.2f}x (goal >= 1.3x)")
+    texts = {name: [o.text for o in outcomes] for name, outcomes in results.items()}
+    print(f"same texts from all three: {len({tuple(t) for t in texts.values()}) == 1}")
+    return results
+
+
+def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, threads: int) -> None:
+    serve.run(build_app(serve_config(folder, CLIENTS, threads)), name="cb", route_prefix="/cb")
+    stream_request(port, "/cb/v1/completions", plans[0][0])
+    http_seconds, http_outcomes = run_clients(plans, lambda body: stream_request(port, "/cb/v1/completions", body))
+    serve.delete("cb")
+    http_row = summary("through Serve (HTTP, streamed)", http_seconds, http_outcomes)
+
+    torch.set_num_threads(threads)
+    loaded = load_model(str(folder))
+    engine = Engine(loaded.model, loaded.eos_id, loaded.tokenizer.decode,
+                    EngineLimits(CLIENTS, 100_000, MODEL.max_position_embeddings))
+
+    async def client(plan: list[dict]) -> list[Outcome]:
+        outcomes = []
+        for body in plan:
+            start = time.perf_counter()
+            ttft, tokens = None, 0
+            params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"],
+                                    seed=body["seed"])
+            async for delta in engine.stream(loaded.tokenizer.encode(body["prompt"]).ids, params):
+                ttft = ttft or (time.perf_counter() - start if delta.text else None)
+                tokens = delta.completion_tokens
+            latency = time.perf_counter() - start
+            outcomes.append(Outcome(latency, ttft or latency, tokens, ""))
+        return outcomes
+
+    async def all_clients() -> tuple[float, list[Outcome]]:
+        await engine.complete(loaded.tokenizer.encode(plans[0][0]["prompt"]).ids, SamplingParams(max_new_tokens=4))
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client(plan) for plan in plans))
+        return time.perf_counter() - start, [o for outcomes in per_client for o in outcomes]
+
+    local_seconds, local_outcomes = asyncio.run(all_clients())
+    engine.close()
+    local_row = summary("in-process engine (asyncio)", local_seconds, local_outcomes)
+    print(f"HTTP / in-process tokens/s: {http_row['tokens_per_s'] / local_row['tokens_per_s']:.2f} (goal >= 0.9)")
+
+
+def bench_decode(threads: int, rounds: int) -> None:
+    torch.set_num_threads(threads)
+    ours = build_model(MODEL, seed=0).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        export_huggingface(ours, folder)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    data = torch.Generator().manual_seed(0)
+    print(f"{'':<30} {'':<14} {'median':>10} {'best':>10}  (tokens/s)")
+    for batch in (1, CLIENTS):
+        prompts = torch.randint(0, MODEL.vocab_size, (batch, 32), generator=data)
+        seconds = interleaved(decode(ours, theirs, prompts, 64), warmup=1, rounds=rounds, clock=time.perf_counter)
+        report(f"decode B={batch} P=32 N=64", batch * 64, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="decode,batching,http", help="comma-separated: decode, batching, http")
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the model (replica or in-process)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the decode comparison")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    print(f"model: gpt h={MODEL.hidden_size} L={MODEL.num_layers} heads={MODEL.num_heads} vocab={MODEL.vocab_size}: "
+          f"{count_parameters(MODEL) / 1e6:.1f}M parameters, fp32, {args.threads} torch threads; "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    if "decode" in parts:
+        bench_decode(args.threads, args.rounds)
+    if "batching" in parts or "http" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = demo_data(Path(tmp), 2_000_000, MODEL.vocab_size, 64)
+            folder = export_huggingface(build_model(MODEL.model_copy(update={"vocab_size": data.vocab_size}), seed=0),
+                                        Path(tmp) / "model", data.tokenizer_path, eos_token_id=0)
+            tokenizer = load_model(str(folder)).tokenizer
+            texts = [tokenizer.decode(block.tolist()) for block in data.validation_blocks[:64]]
+            plans = workload(texts, tokenizer, args.requests_per_client)
+            port = 8123
+            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+            serve.start(http_options={"host": HOST, "port": port})
+            print(f"{CLIENTS} clients x {args.requests_per_client} requests, max_tokens cycling {MAX_TOKENS}, "
+                  "temperature 1 with a seed per request", flush=True)
+            if "batching" in parts:
+                bench_batching(folder, plans, port, args.threads)
+            if "http" in parts:
+                bench_http_overhead(folder, plans, port, args.threads)
+            serve.shutdown()
+            ray.shutdown()
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,10 +60,16 @@ def checked(records: Iterator[Record], on_bad_record: str) -> Iterator[Record]:
         yield record
 
 
+def _open(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    """The file's bytes, gunzipped for ``.gz`` (explicitly: S3FileSystem ignores ``compression=``)."""
+    stream = fs.open_input_stream(path)
+    return pa.CompressedInputStream(stream, "gzip") if path.endswith(".gz") else stream
+
+
 def _lines(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
     """Lines without their newline; ``.gz`` files are decompressed on the fly."""
     pending = b""
-    with fs.open_input_stream(path, compression="detect") as stream:
+    with _open(fs, path) as stream:
         while chunk := stream.read(READ_CHUNK):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
@@ -123,7 +129,7 @@ def _parquet(fs: pafs.FileSystem, path: str, url: str, text_field: str) -> Itera
 
 
 def _text(fs: pafs.FileSystem, path: str, url: str, text_field: str) -> Iterator[Record]:
-    with fs.open_input_stream(path, compression="detect") as stream:
+    with _open(fs, path) as stream:
         raw = stream.read()
     if not raw:
         return

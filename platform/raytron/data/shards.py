@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raytron.data.manifest import ShardInfo
-from raytron.storage import StorageError, join_url
+from raytron.data.manifest import ShardInfo, SplitInfo
+from raytron.storage import StorageError, filesystem_for, join_url
 
 ROW_GROUP_ROWS = 1024
 SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("id", pa.int64())])
@@ -66,3 +66,19 @@ class ShardWriter:
             raise StorageError(f"cannot write shard {join_url(self.base_url, name)}: {error}") from None
         self.shards.append(ShardInfo(name, rows, join_url(self.base_url, name)))
         self.rows += rows
+
+
+def read_split(split: SplitInfo, endpoint_url: str | None = None,
+               region: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks (rows, seq_len + 1) int32, ids) of a whole split, shard after shard (for checks and small data)."""
+    blocks, ids = [], []
+    for shard in split.shards:
+        fs, path = filesystem_for(shard.url, endpoint_url, region)
+        with fs.open_input_file(path) as handle:
+            table = pq.read_table(handle)
+        tokens = table.column("tokens").combine_chunks()
+        blocks.append(tokens.values.to_numpy().reshape(len(table), -1))
+        ids.append(table.column("id").to_numpy())
+    if not blocks:
+        return np.empty((0, 0), dtype=np.int32), np.empty(0, dtype=np.int64)
+    return np.concatenate(blocks), np.concatenate(ids)

@@ -40,7 +40,7 @@ from raytron.config import ModelConfig
 from raytron.data.demo_data import demo_data
 from raytron.export import export_huggingface
 from raytron.model.generation import generate
-from raytron.model.gpt import build_model, count_parameters
+from raytron.model.gpt import build_model, count_parameters, to_decode_layout
 from raytron.model.sampling import SamplingParams
 from raytron.serve.app import build_app
 from raytron.serve.engine import Engine, EngineLimits
@@ -224,15 +224,18 @@ def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, thread
 
 def bench_decode(threads: int, rounds: int) -> None:
     torch.set_num_threads(threads)
-    ours = build_model(MODEL, seed=0).eval()
+    plain = build_model(MODEL, seed=0).eval()
     with tempfile.TemporaryDirectory() as folder:
-        export_huggingface(ours, folder)
+        export_huggingface(plain, folder)
         theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+    served = to_decode_layout(build_model(MODEL, seed=0))  # what serving runs (serve/model_source.py)
     data = torch.Generator().manual_seed(0)
-    print(f"{'':<30} {'':<14} {'median':>10} {'best':>10}  (tokens/s)")
+    print(f"{'':<30} {'':<14} {'median':>10} {'best':>10}  (tokens/s; 'raytron' = decode layout, as served)")
     for batch in (1, CLIENTS):
         prompts = torch.randint(0, MODEL.vocab_size, (batch, 32), generator=data)
-        seconds = interleaved(decode(ours, theirs, prompts, 64), warmup=1, rounds=rounds, clock=time.perf_counter)
+        runs = decode(served, theirs, prompts, 64)
+        runs["nn.Linear layout"] = decode(plain, theirs, prompts, 64)["raytron"]
+        seconds = interleaved(runs, warmup=1, rounds=rounds, clock=time.perf_counter)
         report(f"decode B={batch} P=32 N=64", batch * 64, seconds)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from raytron.config import ModelConfig
 from raytron.model.generation import generate
-from raytron.model.gpt import build_model
+from raytron.model.gpt import build_model, to_decode_layout
 from raytron.model.sampling import SamplingParams, filter_logits
 
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1], [42], [100, 101, 102, 103, 104]]
@@ -105,3 +105,15 @@ def test_prompt_beyond_context_window_is_rejected():
     model = tiny_model("gpt")
     with pytest.raises(ValueError, match="context window"):
         generate(model, [[1] * 60], SamplingParams(max_new_tokens=10))
+
+
+@pytest.mark.parametrize("flavour", ["gpt", "llama"])
+def test_decode_layout_gives_the_same_logits_and_tokens(flavour):
+    plain = tiny_model(flavour).eval()
+    swapped = to_decode_layout(tiny_model(flavour))
+    assert not any(isinstance(m, torch.nn.Linear) for m in swapped.modules())
+    tokens = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(tokens), plain(tokens), atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=40, seed=3)
+    assert [c.tokens for c in generate(swapped, PROMPTS, params)] == [c.tokens for c in generate(plain, PROMPTS, params)]

@@ -84,7 +84,7 @@ def _train_then_record_logits(roots: dict[str, str], tokenizer_path: str, probe:
     for flavour, root in roots.items():
         cfg = config(flavour, root)
         topology = Topology.from_world(dp=1, pp=2, tp=2)
-        train(cfg, topology, LocalSession(root), ArraySource(blocks), tokenizer_path=tokenizer_path)
+        train(cfg, topology, LocalSession(root), ArraySource(blocks), tokenizer_json=Path(tokenizer_path).read_text())
         engine = TrainingEngine(cfg, topology)
         load_checkpoint(latest_checkpoint(Path(root)), engine, StepBatches(None, cfg, topology))
         micro_batch = iter([(probe[:, :-1], probe[:, 1:])])

@@ -11,8 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from raytron.config import load_config
+from raytron.data.manifest import read_manifest
 from raytron.storage import StorageError, list_dirs
-from raytron.tracking.mlflow_run import CONFIG_HASH_TAG, RUN_ID_TAG
+from raytron.tracking.mlflow_run import CONFIG_HASH_TAG, DATA_MANIFEST_TAG, RUN_ID_TAG
 from raytron.train.cluster import ResourceError
 from raytron.train.ray_trainer import fit
 from raytron.train.run import run_training
@@ -53,6 +54,9 @@ def test_train_to_s3_with_mlflow_then_resume(ray_cluster, s3_env, mlflow_server,
     version = client.get_model_version(name, first.export.model_version.version)
     assert version.tags[RUN_ID_TAG] == run_id and version.run_id == run_id
     assert version.tags[CONFIG_HASH_TAG] == run.data.tags[CONFIG_HASH_TAG]
+    # trained on the demo corpus prepared into <storage>/prepared/<name>: the export names that manifest
+    manifest = read_manifest(f"{storage}/prepared/{name}")
+    assert version.tags[DATA_MANIFEST_TAG] == run.data.tags[DATA_MANIFEST_TAG] == manifest.fingerprint
     assert (first.export.folder / "config.json").exists()
 
     resumed = run_training(load_config("jobs/configs/tiny_smoke.yaml", common + ["train.steps=6"]),

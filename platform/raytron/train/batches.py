@@ -1,10 +1,11 @@
-"""Per-step micro-batches for one rank: each DP group reads its own slice, its peers get copies.
+"""Per-step micro-batches for one rank: each DP group reads its own blocks, its peers get copies.
 
-The first rank of each DP index's group (``topology.data_source``) pulls a global batch of
-``micro_batch_size x grad_accum_steps x dp`` blocks, keeps its DP slice, and broadcasts it
-to its PP and TP peers, so only data-parallel groups ever see different data. Every DP
-group walks the same global order, so each block is used exactly once per epoch, and
-``dp=2`` sees the same global batch as ``dp=1``. The position (epoch, batch) is checkpointed.
+The first rank of each DP index's group (``topology.data_source``) asks the source for its
+DP group's next batch of ``micro_batch_size x grad_accum_steps`` blocks and broadcasts it to its
+PP and TP peers, so only data-parallel groups ever see different data. Sources give every DP
+group the same number of batches per epoch and never a block to two groups, so each block is
+used at most once per epoch. The position (epoch, batch) is checkpointed; a source starts an
+epoch at any batch (a resume).
 """
 
 from __future__ import annotations
@@ -22,20 +23,33 @@ from raytron.parallel.topology import Topology
 
 
 class BlockSource(Protocol):
-    def batches(self, epoch: int, rows: int) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of ``rows`` packed blocks in epoch order: {'tokens': (rows, T+1), optional 'id': (rows,)}."""
+    def batches(self, epoch: int, start: int, rows: int, dp_index: int, dp: int) -> Iterator[dict[str, np.ndarray]]:
+        """DP group ``dp_index``'s batches of ``rows`` packed blocks in ``epoch``, from its ``start``-th on:
+        {'tokens': (rows, T+1), optional 'id': (rows,)}. All groups get the same number of batches."""
+
+
+def dp_slices(global_batches: Iterator[dict[str, np.ndarray]], start: int, rows: int,
+              dp_index: int) -> Iterator[dict[str, np.ndarray]]:
+    """For sources with one global order: DP group ``dp_index``'s slice of each global batch of
+    ``rows x dp`` blocks, from the ``start``-th on. Any dp then sees the same global batches."""
+    for index, batch in enumerate(global_batches):
+        if index >= start:
+            yield {key: column[dp_index * rows:(dp_index + 1) * rows] for key, column in batch.items()}
 
 
 class ArraySource:
-    """Blocks held in memory (single-process runs and tests)."""
+    """Blocks held in memory, in order (single-process runs and tests)."""
 
     def __init__(self, tokens: np.ndarray):
         self.tokens = tokens  # (N, T+1)
 
-    def batches(self, epoch: int, rows: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, epoch: int, start: int, rows: int, dp_index: int, dp: int) -> Iterator[dict[str, np.ndarray]]:
+        return dp_slices(self._global_batches(rows * dp), start, rows, dp_index)
+
+    def _global_batches(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
         ids = np.arange(len(self.tokens))
-        for start in range(0, len(self.tokens) - rows + 1, rows):
-            yield {"tokens": self.tokens[start:start + rows], "id": ids[start:start + rows]}
+        for first in range(0, len(self.tokens) - rows + 1, rows):
+            yield {"tokens": self.tokens[first:first + rows], "id": ids[first:first + rows]}
 
 
 @dataclass
@@ -63,17 +77,17 @@ class StepBatches:
         self.position = DataPosition(position.epoch, position.batch)
         self._iterator = None
 
-    def _global_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        rows = self.micro * self.accum * self.topology.layout.dp
+    def _local_batches(self) -> Iterator[dict[str, np.ndarray]]:
+        layout = self.topology.layout
         while True:
-            skip = self.position.batch  # on resume, skip what the checkpoint already consumed
             produced = False
-            for index, batch in enumerate(self.source.batches(self.position.epoch, rows)):
+            for batch in self.source.batches(self.position.epoch, self.position.batch, self.micro * self.accum,
+                                             self.topology.dp_index, layout.dp):
                 produced = True
-                if index >= skip:
-                    yield batch
-            if not produced:
-                raise ValueError(f"training data has fewer than {rows} blocks: one global batch cannot be filled")
+                yield batch
+            if not produced and self.position.batch == 0:
+                raise ValueError(f"training data has fewer than {self.micro * self.accum * layout.dp} blocks: "
+                                 "one global batch cannot be filled")
             self.position = DataPosition(self.position.epoch + 1, 0)
 
     def next(self) -> list[torch.Tensor]:
@@ -82,12 +96,11 @@ class StepBatches:
         local = torch.empty(self.micro * self.accum, self.block_len, dtype=torch.long)
         if self.is_reader:
             if self._iterator is None:
-                self._iterator = self._global_batches()
+                self._iterator = self._local_batches()
             batch = next(self._iterator)
             self.position.batch += 1
-            rows = slice(self.topology.dp_index * len(local), (self.topology.dp_index + 1) * len(local))
-            local.copy_(torch.as_tensor(batch["tokens"][rows]))
-            self.last_ids = batch["id"][rows].tolist() if "id" in batch else []
+            local.copy_(torch.as_tensor(batch["tokens"]))
+            self.last_ids = batch["id"].tolist() if "id" in batch else []
         group = self.topology.data_source
         if group.size > 1:
             dist.broadcast(local, src=group.ranks[0], group=group.group)

@@ -15,7 +15,6 @@ registered only when every worker has reported: a half-written one never becomes
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class CheckpointMeta:
 
 
 def save_checkpoint(folder: Path, engine: TrainingEngine, meta: CheckpointMeta,
-                    tokenizer_path: str | None = None) -> Path:
+                    tokenizer_json: str | None = None) -> Path:
     """Write this rank's part of the checkpoint for ``meta.step`` into ``folder``."""
     topology = engine.topology
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,8 +67,8 @@ def save_checkpoint(folder: Path, engine: TrainingEngine, meta: CheckpointMeta,
                   metadata={"tp_split": json.dumps(splits), "tp": str(topology.layout.tp)})
     if topology.rank == 0:
         (folder / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
-        if tokenizer_path:
-            shutil.copy(tokenizer_path, folder / TOKENIZER_FILE)
+        if tokenizer_json:
+            (folder / TOKENIZER_FILE).write_text(tokenizer_json)
     return folder
 
 

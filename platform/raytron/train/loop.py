@@ -37,8 +37,8 @@ def evaluate(engine: TrainingEngine, source: BlockSource, cfg: RaytronConfig, to
 
 
 def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source: BlockSource,
-          val_source: BlockSource | None = None, tokenizer_path: str | None = None,
-          mlflow_run_id: str | None = None) -> dict:
+          val_source: BlockSource | None = None, tokenizer_json: str | None = None,
+          mlflow_run_id: str | None = None, data_manifest_hash: str | None = None) -> dict:
     """Run to ``cfg.train.steps``, resuming from the session's latest checkpoint.
     Returns the last step's metrics plus ``losses`` and ``grad_norms``: {step: value} of the steps this call ran."""
     engine = TrainingEngine(cfg, topology)
@@ -65,8 +65,9 @@ def train(cfg: RaytronConfig, topology: Topology, session: Session, train_source
         checkpoint = None
         if _due(step, cfg.train.checkpoint_every, cfg.train.steps):
             started = time.perf_counter()
-            meta = CheckpointMeta(step, batches.position, cfg.to_dict(), cfg.padded_vocab_size, mlflow_run_id)
-            checkpoint = save_checkpoint(session.scratch_dir(step), engine, meta, tokenizer_path)
+            meta = CheckpointMeta(step, batches.position, cfg.to_dict(), cfg.padded_vocab_size, mlflow_run_id,
+                                  {"data_manifest_hash": data_manifest_hash} if data_manifest_hash else {})
+            checkpoint = save_checkpoint(session.scratch_dir(step), engine, meta, tokenizer_json)
             metrics["checkpoint_time_s"] = time.perf_counter() - started
         if cfg.train.data_ledger and batches.is_reader:
             record_consumed(Path(cfg.train.data_ledger), topology.dp_index, step, batches.last_ids)

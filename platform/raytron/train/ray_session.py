@@ -10,17 +10,19 @@ from typing import Callable, Iterator
 import numpy as np
 import ray.train
 
+from raytron.train.batches import dp_slices
 from raytron.train.fault_injection import maybe_crash
 
 
 class RayDatasetSource:
-    """Blocks from a Ray Dataset shard, in dataset order (column 'tokens', optional 'id')."""
+    """Blocks from a Ray Dataset given whole to every DP reader, in dataset order (column 'tokens', optional 'id')."""
 
-    def __init__(self, shard):
-        self.shard = shard
+    def __init__(self, dataset):
+        self.dataset = dataset
 
-    def batches(self, epoch: int, rows: int) -> Iterator[dict[str, np.ndarray]]:
-        return self.shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True)
+    def batches(self, epoch: int, start: int, rows: int, dp_index: int, dp: int) -> Iterator[dict[str, np.ndarray]]:
+        global_batches = self.dataset.iter_batches(batch_size=rows * dp, batch_format="numpy", drop_last=True)
+        return dp_slices(global_batches, start, rows, dp_index)
 
 
 class RaySession:

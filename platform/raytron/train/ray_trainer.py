@@ -11,12 +11,14 @@ import deepspeed
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import Dataset
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytron.config import RaytronConfig, build_config
 from raytron.export.from_checkpoint import ExportResult
 from raytron.parallel.topology import Topology
 from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
+from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import META_FILE
 from raytron.train.cluster import ensure_resources
 from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
@@ -49,16 +51,23 @@ def _worker(payload: dict) -> dict:
         torch.set_num_threads(cfg.train.threads)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
     topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
-    validation = ray.train.get_dataset_shard("validation") if payload["has_validation"] else None
     rank = context.get_world_rank()
     session = RaySession(rank, _rank_zero_publisher(payload) if rank == 0 else None, payload.get("fault"))
     try:
-        return train(cfg, topology, session, RayDatasetSource(ray.train.get_dataset_shard("train")),
-                     RayDatasetSource(validation) if validation is not None else None,
-                     payload.get("tokenizer_path"), payload.get("mlflow_run_id"))
+        return train(cfg, topology, session, _source(payload, "train"), _source(payload, "validation"),
+                     payload.get("tokenizer_json"), payload.get("mlflow_run_id"), payload.get("data_manifest_hash"))
     except NonFiniteLoss as error:
         # returned, not raised: a retry from the last checkpoint would only meet it again
         return {"stopped": str(error)}
+
+
+def _source(payload: dict, split: str) -> BlockSource | None:
+    """A split's BlockSource: given as one (prepared shards), or a Ray Dataset handed to Ray Train."""
+    if split in payload["sources"]:
+        return payload["sources"][split]
+    if split in payload["datasets"]:
+        return RayDatasetSource(ray.train.get_dataset_shard(split))
+    return None
 
 
 def _rank_zero_publisher(payload: dict):
@@ -96,23 +105,26 @@ def latest_checkpoint_meta(storage: str, run_name: str) -> dict | None:
         return json.loads(stream.read())
 
 
-def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool = False,
-        tokenizer_path: str | None = None, mlflow_run_id: str | None = None,
-        run_name: str | None = None) -> TrainingResult:
-    """Train on an already connected Ray cluster. ``run_name`` pins the run folder (tests, Tune)."""
+def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: Dataset | BlockSource | None = None,
+        resume: bool = False, tokenizer_json: str | None = None, mlflow_run_id: str | None = None,
+        run_name: str | None = None, data_manifest_hash: str | None = None) -> TrainingResult:
+    """Train on an already connected Ray cluster. Each split is a Ray Dataset of packed blocks (read whole by
+    every DP reader, in order) or a BlockSource that splits by DP group itself (prepared shards, streaming).
+    ``run_name`` pins the run folder (tests, Tune)."""
     ensure_resources(cfg)
     storage = cfg.train.storage_path
     check_writable(storage)
     name = run_name or resolve_run_name(cfg, storage, resume)
     filesystem, storage_inside = filesystem_for(storage)
-    datasets = {"train": train_dataset}
-    if validation_dataset is not None:
-        datasets["validation"] = validation_dataset
+    splits = {"train": train_data, "validation": validation_data}
+    datasets = {name: data for name, data in splits.items() if isinstance(data, Dataset)}
+    sources = {name: data for name, data in splits.items() if data is not None and name not in datasets}
     use_gpu = cfg.resources.gpus_per_worker > 0
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.to_dict(), "has_validation": validation_dataset is not None,
-                           "tokenizer_path": tokenizer_path, "mlflow_run_id": mlflow_run_id,
+        train_loop_config={"config": cfg.to_dict(), "datasets": list(datasets), "sources": sources,
+                           "tokenizer_json": tokenizer_json, "mlflow_run_id": mlflow_run_id,
+                           "data_manifest_hash": data_manifest_hash,
                            "tracking_uri": resolve_tracking_uri(cfg.tracking), "run_name": name,
                            "fault": os.environ.get(FAULT_ENV_VAR)},
         scaling_config=ScalingConfig(
@@ -125,7 +137,7 @@ def fit(cfg: RaytronConfig, train_dataset, validation_dataset=None, resume: bool
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets=datasets,
-        # every DP reader walks the whole dataset and keeps its slice of each global batch
+        # every DP reader walks a Ray Dataset whole and keeps its slice of each global batch
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )

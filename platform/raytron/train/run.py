@@ -3,48 +3,60 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-
 from raytron.config import RaytronConfig
-from raytron.data.demo_data import demo_data
+from raytron.data.prepare import prepare
 from raytron.export.from_checkpoint import export_checkpoint
-from raytron.storage import checkpoint_url
-from raytron.tracking.mlflow_run import RunTracker
+from raytron.storage import checkpoint_url, join_url, read_bytes
+from raytron.train.batches import BlockSource
+from raytron.train.checkpoint import TOKENIZER_FILE
+from raytron.tracking.mlflow_run import DATA_MANIFEST_TAG, RunTracker
 from raytron.train.cluster import connect
 from raytron.train.ray_trainer import TrainingResult, fit, latest_checkpoint_meta, resolve_run_name
+from raytron.train.shard_source import PreparedShards
 
 log = logging.getLogger(__name__)
 
-def training_datasets(cfg: RaytronConfig, workdir: Path):
-    """(train, validation, tokenizer path) as Ray Datasets of packed blocks."""
-    if cfg.data.source != "demo":
-        raise NotImplementedError(
-            f"data.source: {cfg.data.source!r} needs `raytron prepare` (data pipeline issue); use 'demo' for now")
-    data = demo_data(workdir, cfg.data.demo_corpus_bytes, cfg.model.vocab_size, cfg.train.seq_len,
-                     cfg.data.validation_fraction)
-    if data.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer has {data.vocab_size} tokens")
 
-    # per-step iteration would redraw a bar per dataset on every step: noise, not progress
-    ray.data.DataContext.get_current().enable_progress_bars = False
+@dataclass
+class TrainingData:
+    train: BlockSource
+    validation: BlockSource | None
+    tokenizer_json: str
+    manifest_hash: str
 
-    def as_dataset(blocks):
-        return ray.data.from_items([{"tokens": row, "id": index} for index, row in enumerate(blocks)])
-    return as_dataset(data.train_blocks), as_dataset(data.validation_blocks), str(data.tokenizer_path)
+
+def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
+    """Prepare data.source (or reuse its prepared shards) and read the splits from the shards."""
+    prepared = prepare(cfg, workdir)
+    manifest, data = prepared.manifest, cfg.data
+    if manifest.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer of {prepared.url} "
+                         f"has {manifest.vocab_size} tokens")
+
+    def source(split: str) -> PreparedShards | None:
+        info = manifest.splits.get(split)
+        if info is None or info.rows == 0:
+            return None
+        return PreparedShards([(shard.url, shard.rows) for shard in info.shards], data.shuffle_seed,
+                              cfg.train.seq_len + 1, data.endpoint_url, data.region)
+    tokenizer_json = read_bytes(join_url(prepared.url, TOKENIZER_FILE), data.endpoint_url, data.region).decode()
+    return TrainingData(source("train"), source("validation"), tokenizer_json, manifest.fingerprint)
 
 
 def run_training(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".raytron") -> TrainingResult:
     connect(cfg)
-    train_ds, validation_ds, tokenizer_path = training_datasets(cfg, Path(workdir).absolute())
+    data = prepared_training_data(cfg, Path(workdir).absolute())
     name = resolve_run_name(cfg, cfg.train.storage_path, resume)
     previous = latest_checkpoint_meta(cfg.train.storage_path, name) if resume else None
     # a resumed training run continues its MLflow run
     tracker = RunTracker.start(cfg, run_id=(previous or {}).get("mlflow_run_id"))
+    tracker.set_tags({DATA_MANIFEST_TAG: data.manifest_hash})
     try:
-        result = fit(cfg, train_ds, validation_ds, resume=resume, tokenizer_path=tokenizer_path,
-                     mlflow_run_id=tracker.run_id, run_name=name)
+        result = fit(cfg, data.train, data.validation, resume=resume, tokenizer_json=data.tokenizer_json,
+                     mlflow_run_id=tracker.run_id, run_name=name, data_manifest_hash=data.manifest_hash)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raytron.storage import StorageError
+
 READ_CHUNK = 8 << 20
 PARQUET_BATCH_ROWS = 4096
 
@@ -40,9 +42,12 @@ def read_records(fs: pafs.FileSystem, path: str, url: str, fmt: str, text_field:
     """Every record of one file, in file order."""
     readers = {"jsonl": _jsonl, "parquet": _parquet, "text": _text}
     emitted = False
-    for record in readers[fmt](fs, path, url, text_field):
-        emitted = True
-        yield record
+    try:
+        for record in readers[fmt](fs, path, url, text_field):
+            emitted = True
+            yield record
+    except (OSError, pa.ArrowException) as error:  # unreachable, vanished, corrupt gzip: not a record
+        raise StorageError(f"cannot read {url}: {error}") from None
     if not emitted:
         yield Record(None, f"{url}:0: empty file (no documents)")
 
@@ -61,8 +66,9 @@ def checked(records: Iterator[Record], on_bad_record: str) -> Iterator[Record]:
 
 
 def _open(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
-    """The file's bytes, gunzipped for ``.gz`` (explicitly: S3FileSystem ignores ``compression=``)."""
-    stream = fs.open_input_stream(path)
+    """The file's bytes, gunzipped for ``.gz`` (explicitly: pyarrow's ``compression="detect"`` default
+    gunzips local files but not S3 objects)."""
+    stream = fs.open_input_stream(path, compression=None)
     return pa.CompressedInputStream(stream, "gzip") if path.endswith(".gz") else stream
 
 

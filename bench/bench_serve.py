@@ -29,10 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
-from ray import serve
-from starlette.requests import Request
 from transformers import AutoModelForCausalLM
 
 from bench_model import decode, interleaved, report
@@ -42,10 +39,8 @@ from raytron.export import export_huggingface
 from raytron.model.generation import generate
 from raytron.model.gpt import build_model, count_parameters, to_decode_layout
 from raytron.model.sampling import SamplingParams
-from raytron.serve.app import build_app
 from raytron.serve.engine import Engine, EngineLimits
 from raytron.serve.model_source import load_model
-from raytron.serve.settings import build_serve_config
 
 MODEL = ModelConfig(flavour="gpt", vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8,
                     max_position_embeddings=512)
@@ -130,28 +125,34 @@ def summary(name: str, seconds: float, outcomes: list[Outcome]) -> dict:
     return row
 
 
-@serve.deployment(max_ongoing_requests=64)
-class RequestBatched:
-    """Request-level batching with @serve.batch: whole requests are batched and run to completion together."""
+def request_batched_app(folder: Path, threads: int):
+    """Ray Serve's request-level batching around `generate`: @serve.batch collects whole requests
+    and runs them to completion together; the next batch forms only when the longest is done."""
+    from ray import serve
 
-    def __init__(self, folder: str, threads: int):
-        torch.set_num_threads(threads)
-        self.loaded = load_model(folder)
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": threads})
+    class RequestBatched:
+        def __init__(self, folder: str):
+            torch.set_num_threads(threads)
+            self.loaded = load_model(folder)
 
-    @serve.batch(max_batch_size=CLIENTS, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[tuple[list[int], SamplingParams]]) -> list:
-        loaded = self.loaded
-        prompts, params = [ids for ids, _ in requests], [p for _, p in requests]
-        return await asyncio.get_running_loop().run_in_executor(
-            None, generate, loaded.model, prompts, params, loaded.eos_id, loaded.tokenizer.decode)
+        @serve.batch(max_batch_size=CLIENTS, batch_wait_timeout_s=0.05)
+        async def generate_batch(self, requests: list[tuple[list[int], SamplingParams]]) -> list:
+            loaded = self.loaded
+            prompts, params = [ids for ids, _ in requests], [p for _, p in requests]
+            return await asyncio.get_running_loop().run_in_executor(
+                None, generate, loaded.model, prompts, params, loaded.eos_id, loaded.tokenizer.decode)
 
-    async def __call__(self, request: Request) -> dict:
-        body = await request.json()
-        ids = self.loaded.tokenizer.encode(body["prompt"]).ids
-        params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"])
-        completion = await self.generate_batch((ids, params))
-        return {"choices": [{"text": completion.text, "finish_reason": completion.finish_reason}],
-                "usage": {"completion_tokens": len(completion.tokens)}}
+        async def __call__(self, request) -> dict:
+            body = await request.json()
+            ids = self.loaded.tokenizer.encode(body["prompt"]).ids
+            params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"],
+                                    seed=body["seed"])
+            completion = await self.generate_batch((ids, params))
+            return {"choices": [{"text": completion.text, "finish_reason": completion.finish_reason}],
+                    "usage": {"completion_tokens": len(completion.tokens)}}
+
+    return RequestBatched.bind(str(folder))
 
 
 def serve_config(folder: Path, batch: int, threads: int) -> dict:
@@ -161,11 +162,14 @@ def serve_config(folder: Path, batch: int, threads: int) -> dict:
 
 
 def bench_batching(folder: Path, plans: list[list[dict]], port: int, threads: int) -> dict[str, list[Outcome]]:
+    from ray import serve
+
+    from raytron.serve.app import build_app
+
     apps = {
         "continuous batching (ours)": ("/cb", build_app(serve_config(folder, CLIENTS, threads)), stream_request),
         "one at a time": ("/single", build_app(serve_config(folder, 1, threads)), stream_request),
-        "@serve.batch request-level": ("/batch", RequestBatched.options(ray_actor_options={"num_cpus": threads})
-                                       .bind(str(folder), threads), plain_request),
+        "@serve.batch request-level": ("/batch", request_batched_app(folder, threads), plain_request),
     }
     results, rows = {}, {}
     for name, (prefix, app, send) in apps.items():
@@ -185,11 +189,17 @@ def bench_batching(folder: Path, plans: list[list[dict]], port: int, threads: in
 
 
 def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, threads: int) -> None:
+    from ray import serve
+
+    from raytron.serve.app import build_app
+
     serve.run(build_app(serve_config(folder, CLIENTS, threads)), name="cb", route_prefix="/cb")
     stream_request(port, "/cb/v1/completions", plans[0][0])
     http_seconds, http_outcomes = run_clients(plans, lambda body: stream_request(port, "/cb/v1/completions", body))
-    serve.delete("cb")
     http_row = summary("through Serve (HTTP, streamed)", http_seconds, http_outcomes)
+    plain_seconds, plain_outcomes = run_clients(plans, lambda body: plain_request(port, "/cb/v1/completions", body))
+    plain_row = summary("through Serve (HTTP, not streamed)", plain_seconds, plain_outcomes)
+    serve.delete("cb")
 
     torch.set_num_threads(threads)
     loaded = load_model(str(folder))
@@ -219,20 +229,22 @@ def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, thread
     local_seconds, local_outcomes = asyncio.run(all_clients())
     engine.close()
     local_row = summary("in-process engine (asyncio)", local_seconds, local_outcomes)
-    print(f"HTTP / in-process tokens/s: {http_row['tokens_per_s'] / local_row['tokens_per_s']:.2f} (goal >= 0.9)")
+    print(f"HTTP / in-process tokens/s: streamed {http_row['tokens_per_s'] / local_row['tokens_per_s']:.2f}, "
+          f"not streamed {plain_row['tokens_per_s'] / local_row['tokens_per_s']:.2f} (goal >= 0.9)")
 
 
-def bench_decode(threads: int, rounds: int) -> None:
+def bench_decode(threads: int, rounds: int, device: str) -> None:
     torch.set_num_threads(threads)
     plain = build_model(MODEL, seed=0).eval()
     with tempfile.TemporaryDirectory() as folder:
         export_huggingface(plain, folder)
-        theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
-    served = to_decode_layout(build_model(MODEL, seed=0))  # what serving runs (serve/model_source.py)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval().to(device)
+    served = to_decode_layout(build_model(MODEL, seed=0)).to(device)  # what serving runs (serve/model_source.py)
+    plain = plain.to(device)
     data = torch.Generator().manual_seed(0)
     print(f"{'':<30} {'':<14} {'median':>10} {'best':>10}  (tokens/s; 'raytron' = decode layout, as served)")
     for batch in (1, CLIENTS):
-        prompts = torch.randint(0, MODEL.vocab_size, (batch, 32), generator=data)
+        prompts = torch.randint(0, MODEL.vocab_size, (batch, 32), generator=data).to(device)
         runs = decode(served, theirs, prompts, 64)
         runs["nn.Linear layout"] = decode(plain, theirs, prompts, 64)["raytron"]
         seconds = interleaved(runs, warmup=1, rounds=rounds, clock=time.perf_counter)
@@ -245,14 +257,19 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model (replica or in-process)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the decode comparison")
+    parser.add_argument("--device", default="cpu", help="device of the decode comparison (cuda on a GPU box)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     print(f"model: gpt h={MODEL.hidden_size} L={MODEL.num_layers} heads={MODEL.num_heads} vocab={MODEL.vocab_size}: "
           f"{count_parameters(MODEL) / 1e6:.1f}M parameters, fp32, {args.threads} torch threads; "
           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     if "decode" in parts:
-        bench_decode(args.threads, args.rounds)
+        bench_decode(args.threads, args.rounds, args.device)
     if "batching" in parts or "http" in parts:
+        # imported here: the decode part runs where Ray is not installed (a GPU box)
+        import ray
+        from ray import serve
+
         with tempfile.TemporaryDirectory() as tmp:
             data = demo_data(Path(tmp), 2_000_000, MODEL.vocab_size, 64)
             folder = export_huggingface(build_model(MODEL.model_copy(update={"vocab_size": data.vocab_size}), seed=0),

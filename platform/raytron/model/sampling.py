@@ -60,6 +60,9 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,), each row by its own params and generator."""
+    # sampled on the CPU whatever the model's device: the per-request generators are CPU ones,
+    # and a seed then gives the same tokens for the same logits on any device
+    logits = logits.float().cpu()  # (B, V)
     choices = logits.argmax(-1)  # (B,) greedy default
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.temperature == 0:

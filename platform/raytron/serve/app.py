@@ -61,8 +61,9 @@ class OpenAIServer:
         self.cfg = build_serve_config(config, "deployment args")
         actor = self.cfg.deployment.ray_actor_options
         torch.set_num_threads(max(1, int(actor.num_cpus)))
-        loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri)
-        model = loaded.model.to("cuda" if actor.num_gpus > 0 else "cpu")
+        device = "cuda" if actor.num_gpus > 0 else "cpu"
+        loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri, device)
+        model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_id = loaded.eos_id
         limits = self.cfg.limits

@@ -24,14 +24,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import torch
 
 from raytron.model.generation import SequenceState, decode_step, prefill
 from raytron.model.gpt import GPT
 from raytron.model.sampling import SamplingParams, choose_tokens
-from raytron.serve.metrics import ServeMetrics
+
+if TYPE_CHECKING:  # the engine itself runs without Ray (benchmarks, tests in one process)
+    from raytron.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class ModelSourceError(ValueError):
 @dataclass
 class LoadedModel:
     model: GPT
-    """TP=1 GPT in eval mode, in the decode layout."""
+    """TP=1 GPT in eval mode (in the decode layout on CPU)."""
     tokenizer: Tokenizer
     eos_id: int | None
     """End-of-text id (generation stops there); None when the tokenizer has no such token."""
@@ -38,8 +38,8 @@ class LoadedModel:
     """Where it was read from: the local folder (after any download)."""
 
 
-def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
-    """Resolve ``source`` (see the module docstring) to the model and its tokenizer."""
+def load_model(source: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Resolve ``source`` (see the module docstring) to the model on ``device`` and its tokenizer."""
     if source.startswith(MODEL_URI_PREFIX):
         from raytron.tracking.mlflow_run import download_model_folder  # MLflow only for registry sources
 
@@ -59,5 +59,6 @@ def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
     if not (folder / TOKENIZER_FILE).is_file():
         raise ModelSourceError(f"model.source: {source!r} has no {TOKENIZER_FILE} beside the weights")
     tokenizer = load_tokenizer(folder)
-    # (in, out) weights: faster decode steps on CPU, the same logits (model/gpt.py)
-    return LoadedModel(to_decode_layout(model), tokenizer, special_token_ids(tokenizer).eos, str(folder))
+    if device == "cpu":  # (in, out) weights: same logits, faster small-batch decode on CPU (slower on an H100)
+        model = to_decode_layout(model)
+    return LoadedModel(model.to(device), tokenizer, special_token_ids(tokenizer).eos, str(folder))

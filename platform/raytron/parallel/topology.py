@@ -65,7 +65,9 @@ class Topology:
     data: ParallelGroup
     pipeline: ParallelGroup
     data_source: ParallelGroup
-    """This DP index's group (its PP and TP peers): batches are read once and broadcast on it."""
+    """This DP index's group (its PP and TP peers): batches are read once and broadcast on it (gloo)."""
+    data_host: ParallelGroup
+    """The ranks of ``data`` again, on gloo: host-side agreement among the DP readers."""
 
     @property
     def dp_index(self) -> int:
@@ -83,7 +85,7 @@ class Topology:
     def single(cls) -> "Topology":
         """The one-process topology (no torch.distributed needed)."""
         solo = ParallelGroup(None, 0, 1, (0,))
-        return cls(Layout(), 0, solo, solo, solo, solo)
+        return cls(Layout(), 0, solo, solo, solo, solo, solo)
 
     @classmethod
     def from_world(cls, dp: int, pp: int, tp: int) -> "Topology":
@@ -95,10 +97,13 @@ class Topology:
                              f"does not match the torch.distributed world size {world}")
         rank = dist.get_rank()
         mine = {}
-        for kind, groups in (("tensor", layout.tp_groups()), ("data", layout.dp_groups()),
-                             ("pipeline", layout.pp_groups()), ("data_source", layout.data_groups())):
+        # batches are host tensors: their groups use gloo whatever the backend of the world (nccl on GPUs)
+        for kind, groups, backend in (("tensor", layout.tp_groups(), None), ("data", layout.dp_groups(), None),
+                                      ("pipeline", layout.pp_groups(), None),
+                                      ("data_source", layout.data_groups(), "gloo"),
+                                      ("data_host", layout.dp_groups(), "gloo")):
             for ranks in groups:
-                group = dist.new_group(ranks)  # collective: every rank creates every group
+                group = dist.new_group(ranks, backend=backend)  # collective: every rank creates every group
                 if rank in ranks:
                     mine[kind] = ParallelGroup(group, ranks.index(rank), len(ranks), tuple(ranks))
         return cls(layout, rank, **mine)

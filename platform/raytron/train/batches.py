@@ -3,8 +3,8 @@
 The first rank of each DP index's group (``topology.data_source``) asks the source for its
 DP group's next batch of ``micro_batch_size x grad_accum_steps`` blocks and broadcasts it to its
 PP and TP peers, so only data-parallel groups ever see different data. Sources give every DP
-group the same number of batches per epoch and never a block to two groups, so each block is
-used at most once per epoch. The position (epoch, batch) is checkpointed; a source starts an
+group the same number of batches per epoch (or the readers agree to end the epoch when one runs
+dry) and never a block to two groups, so each block is used at most once per epoch. The position (epoch, batch) is checkpointed; a source starts an
 epoch at any batch (a resume).
 """
 
@@ -77,28 +77,39 @@ class StepBatches:
         self.position = DataPosition(position.epoch, position.batch)
         self._iterator = None
 
-    def _local_batches(self) -> Iterator[dict[str, np.ndarray]]:
-        layout = self.topology.layout
+    def _readers_all_have(self, have: bool) -> bool:
+        """Whether every DP reader holds a batch. The readers (PP and TP rank 0 of each DP index) form
+        one data-parallel group; a streaming source can run dry in one group before the others, and
+        then every group must start the next epoch together."""
+        group = self.topology.data_host
+        if group.size == 1:
+            return have
+        flag = torch.tensor([int(have)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group.group)
+        return bool(flag.item())
+
+    def _next_local_batch(self) -> dict[str, np.ndarray]:
+        rows = self.micro * self.accum
         while True:
-            produced = False
-            for batch in self.source.batches(self.position.epoch, self.position.batch, self.micro * self.accum,
-                                             self.topology.dp_index, layout.dp):
-                produced = True
-                yield batch
-            if not produced and self.position.batch == 0:
-                raise ValueError(f"training data has fewer than {self.micro * self.accum * layout.dp} blocks: "
+            if self._iterator is None:
+                self._iterator = iter(self.source.batches(self.position.epoch, self.position.batch, rows,
+                                                          self.topology.dp_index, self.topology.layout.dp))
+            batch = next(self._iterator, None)
+            if self._readers_all_have(batch is not None):
+                self.position.batch += 1
+                return batch
+            if self.position.batch == 0:
+                raise ValueError(f"training data has fewer than {rows * self.topology.layout.dp} blocks: "
                                  "one global batch cannot be filled")
             self.position = DataPosition(self.position.epoch + 1, 0)
+            self._iterator = None
 
     def next(self) -> list[torch.Tensor]:
         """This rank's micro-batches for the next step: grad_accum tensors of (micro, T+1) token ids."""
         started = time.perf_counter()
         local = torch.empty(self.micro * self.accum, self.block_len, dtype=torch.long)
         if self.is_reader:
-            if self._iterator is None:
-                self._iterator = self._local_batches()
-            batch = next(self._iterator)
-            self.position.batch += 1
+            batch = self._next_local_batch()
             local.copy_(torch.as_tensor(batch["tokens"]))
             self.last_ids = batch["id"].tolist() if "id" in batch else []
         group = self.topology.data_source

@@ -7,15 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raytron.config import RaytronConfig
-from raytron.data.prepare import prepare
+from raytron.data.manifest import fingerprint
+from raytron.data.prepare import identity, prepare
+from raytron.data.sources import list_sources
+from raytron.data.tokenizer_source import resolve_tokenizer
 from raytron.export.from_checkpoint import export_checkpoint
 from raytron.storage import checkpoint_url, join_url, read_bytes
 from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import TOKENIZER_FILE
 from raytron.tracking.mlflow_run import DATA_MANIFEST_TAG, RunTracker
 from raytron.train.cluster import connect
-from raytron.train.ray_trainer import TrainingResult, fit, latest_checkpoint_meta, resolve_run_name
+from raytron.train.ray_trainer import TrainingResult, TrainingStopped, fit, latest_checkpoint_meta, resolve_run_name
 from raytron.train.shard_source import PreparedShards
+from raytron.train.stream_source import StreamingCorpus
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +50,31 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
     return TrainingData(source("train"), source("validation"), tokenizer_json, manifest.fingerprint)
 
 
+def streaming_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
+    """The raw files, tokenized and packed by each DP reader as it trains (no prepared shards)."""
+    files = list_sources(cfg, workdir)
+    tokenizer = resolve_tokenizer(cfg, files)
+    validation = StreamingCorpus(cfg, files, "validation", tokenizer.json) if cfg.data.validation_fraction else None
+    return TrainingData(StreamingCorpus(cfg, files, "train", tokenizer.json), validation, tokenizer.json,
+                        fingerprint({"mode": "streaming", **identity(cfg, files, tokenizer)}))
+
+
+def training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
+    if cfg.data.mode == "streaming":
+        return streaming_training_data(cfg, workdir)
+    return prepared_training_data(cfg, workdir)
+
+
 def run_training(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".raytron") -> TrainingResult:
     connect(cfg)
-    data = prepared_training_data(cfg, Path(workdir).absolute())
+    data = training_data(cfg, Path(workdir).absolute())
     name = resolve_run_name(cfg, cfg.train.storage_path, resume)
     previous = latest_checkpoint_meta(cfg.train.storage_path, name) if resume else None
+    trained_on = (previous or {}).get("extra", {}).get("data_manifest_hash", data.manifest_hash)
+    if trained_on != data.manifest_hash:
+        # the saved data position indexes the old data: resuming on other data would repeat or skip blocks
+        raise TrainingStopped(f"--resume: the data changed since run {name}'s checkpoint (data fingerprint "
+                              f"{trained_on[:12]} then, {data.manifest_hash[:12]} now); start a new run")
     # a resumed training run continues its MLflow run
     tracker = RunTracker.start(cfg, run_id=(previous or {}).get("mlflow_run_id"))
     tracker.set_tags({DATA_MANIFEST_TAG: data.manifest_hash})

@@ -52,7 +52,7 @@ def _worker(payload: dict) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
     topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     rank = context.get_world_rank()
-    session = RaySession(rank, _rank_zero_publisher(payload) if rank == 0 else None, payload.get("fault"))
+    session = RaySession(rank, _rank_zero_publisher(payload, cfg) if rank == 0 else None, payload.get("fault"))
     try:
         return train(cfg, topology, session, _source(payload, "train"), _source(payload, "validation"),
                      payload.get("tokenizer_json"), payload.get("mlflow_run_id"), payload.get("data_manifest_hash"))
@@ -70,17 +70,24 @@ def _source(payload: dict, split: str) -> BlockSource | None:
     return None
 
 
-def _rank_zero_publisher(payload: dict):
-    """Rank 0 alone sends metrics to MLflow (the driver's run) and Prometheus."""
+def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
+    """Rank 0 alone sends metrics to MLflow (the driver's run) and Prometheus. The gauges are set every
+    step; MLflow gets every step's metrics in one request per log/checkpoint step (and the last), so
+    no step waits on the tracking server."""
     gauges = TrainingGauges(payload["run_name"])
     tracker = None
     if payload.get("mlflow_run_id"):
         tracker = RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"])
+    pending: list[tuple[dict, int]] = []
 
     def publish(metrics: dict, step: int) -> None:
         gauges.publish(metrics)
-        if tracker is not None:
-            tracker.log_metrics(metrics, step)
+        if tracker is None:
+            return
+        pending.append((metrics, step))
+        if step == cfg.train.steps or "checkpoint_time_s" in metrics or step % cfg.train.log_every == 0:
+            tracker.log_metric_steps(pending)
+            pending.clear()
     return publish
 
 

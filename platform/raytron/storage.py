@@ -56,7 +56,7 @@ def join_url(base: str, *parts: str) -> str:
 def read_bytes(url: str, endpoint_url: str | None = None, region: str | None = None) -> bytes:
     fs, path = filesystem_for(url, endpoint_url, region)
     try:
-        with fs.open_input_stream(path) as stream:
+        with fs.open_input_stream(path, compression=None) as stream:  # the bytes as stored, even for .gz
             return stream.read()
     except (OSError, pa.ArrowException) as error:
         raise StorageError(f"cannot read {url}: {error}") from None
@@ -66,7 +66,7 @@ def write_bytes(url: str, data: bytes, endpoint_url: str | None = None, region: 
     fs, path = filesystem_for(url, endpoint_url, region)
     try:
         fs.create_dir(str(Path(path).parent), recursive=True)
-        with fs.open_output_stream(path) as stream:
+        with fs.open_output_stream(path, compression=None) as stream:  # pyarrow would gzip a .gz path again
             stream.write(data)
     except (OSError, pa.ArrowException) as error:
         raise StorageError(f"cannot write {url}: {error}") from None

@@ -66,8 +66,7 @@ def checked(records: Iterator[Record], on_bad_record: str) -> Iterator[Record]:
 
 
 def _open(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
-    """The file's bytes, gunzipped for ``.gz`` (explicitly: pyarrow's ``compression="detect"`` default
-    gunzips local files but not S3 objects)."""
+    """The file's bytes, gunzipped for ``.gz`` (by name, like pyarrow's "detect", but said here)."""
     stream = fs.open_input_stream(path, compression=None)
     return pa.CompressedInputStream(stream, "gzip") if path.endswith(".gz") else stream
 

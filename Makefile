@@ -33,9 +33,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
+# bench/bench_mfu.py needs a GPU: run it by hand there (bench/README.md)
 bench: setup
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_prepare.py --mbytes 100
+	$(PY) bench/bench_data_wait.py
+	$(PY) bench/bench_serve.py
 
 # The MLflow UI over the embedded store that `make demo` and `raytron train` write by default.
 mlflow-ui: setup

@@ -46,7 +46,7 @@ api = FastAPI(title="raytron", description="OpenAI-compatible completions from a
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     """Unknown routes and methods answer in OpenAI's error shape too."""
-    body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=None).body()
+    body = ApiError(error.status_code, f"{request.method} {request.url.path}: {error.detail}").body()
     return JSONResponse(body, status_code=error.status_code)
 
 

@@ -325,25 +325,31 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
-    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as error:
-            raise ConfigError(f"cannot read config {source}: {error.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config {source} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {source}: top level must be a mapping, got {type(raw).__name__}")
+def read_yaml_mapping(path: str | Path, kind: str = "config", overrides: list[str] = ()) -> dict[str, Any]:
+    """A YAML file's top-level mapping with ``--set a.b=c`` overrides applied; errors name the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read {kind} {path}: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{kind} {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{kind} {path}: top level must be a mapping, got {type(raw).__name__}")
     for assignment in overrides:
         apply_override(raw, assignment)
-    return build_config(raw, source)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
+    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    if path is None:
+        raw: dict[str, Any] = {}
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        return build_config(raw, "<defaults>")
+    return build_config(read_yaml_mapping(path, "config", overrides), str(path))
 
 
 def schema_rows(section: type[BaseModel] = RaytronConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

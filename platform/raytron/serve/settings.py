@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, PositiveInt, ValidationError
 
-from raytron.config import ConfigError, Section, apply_override
+from raytron.config import ConfigError, Section, read_yaml_mapping
 
 
 class ModelSource(Section):
@@ -157,14 +156,5 @@ def build_serve_config(raw: dict[str, Any], source: str = "<dict>") -> ServeConf
 
 def load_serve_config(path: str | Path, overrides: list[str] = ()) -> ServeConfig:
     """Load a serve YAML and apply ``--set a.b=c`` overrides (values parsed as YAML)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as error:
-        raise ConfigError(f"cannot read serve config {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"serve config {path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"serve config {path}: top level must be a mapping, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
+    raw = read_yaml_mapping(path, "serve config", overrides)
     return build_serve_config(raw, str(path))

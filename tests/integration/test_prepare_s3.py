@@ -1,11 +1,17 @@
 """End to end on moto's S3 server: the docstring corpus uploaded as JSONL (+ gzip), Parquet and text
-files, prepared with Ray Data, shards decoded and compared with the tokenizer applied directly."""
+files, prepared with Ray Data, shards decoded and compared with the tokenizer applied directly;
+an unreachable endpoint, a missing bucket and denied access fail in seconds naming the URL."""
 
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -113,4 +119,38 @@ def test_unreachable_storage_fails_fast_naming_the_url(s3_env, monkeypatch, what
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     cfg = load_config(None, [f"data.source={url}", "data.prepared=s3://no-such-bucket-here/out"])
     with pytest.raises(StorageError, match=f"data.source: .*{url}"):
+        prepare(cfg)
+
+
+@pytest.fixture
+def s3_enforcing_auth(monkeypatch):
+    """A second moto S3 server, in its own process with IAM auth enforced from the first request
+    (process-wide in moto, so not the session's server): unknown credentials are denied."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto server did not start"
+                time.sleep(0.1)
+        for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "nobody",
+                           "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_denied_access_fails_fast_naming_the_url(s3_enforcing_auth):
+    url = "s3://corpus/texts/"
+    cfg = load_config(None, [f"data.source={url}", "data.prepared=s3://corpus/out"])
+    with pytest.raises(StorageError, match=f"data.source: .*{url}.*ACCESS_DENIED"):
         prepare(cfg)

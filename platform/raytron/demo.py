@@ -91,7 +91,7 @@ where to look:
   Hugging Face dir  {result.export.folder}
   MLflow            {resolve_tracking_uri(cfg.tracking)}  (UI: `make mlflow-ui`, then http://127.0.0.1:5000)
   registered model  {version.name} version {version.version} (run {version.run_id})
-  Ray dashboard     http://{dashboard} (while this process runs)
+  Ray dashboard     {f"http://{dashboard}" if dashboard else "not running (Ray could not start it; see /tmp/ray/session_latest/logs)"} (while this process runs)
   HTTP endpoint     {url}/v1 (OpenAI-compatible; the demo removes it as it ends,
                     `raytron serve {SERVE_CONFIG}` serves it again)""")
     serve.delete(serve_cfg.app_name)

@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint for serving: python jobs/serve.py CONFIG [--set k=v ...] (blocks while serving)."""
+"""`ray job submit` entrypoint for serving: python jobs/serve.py [--config] CONFIG [--set k=v ...] (blocks while serving)."""
 
 import sys
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 # A job's working dir is this checkout: make the package importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from raytron.cli import main  # noqa: E402
+from raytron.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    sys.exit(job_main("serve"))

@@ -6,10 +6,7 @@ from pathlib import Path
 # A job's working dir is this checkout: make the package importable without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from raytron.cli import main  # noqa: E402
+from raytron.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--config"]:
-        args = args[1:]
-    sys.exit(main(["train", *args]))
+    sys.exit(job_main("train"))

@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_main(subcommand: str) -> int:
+    """The body of jobs/<name>.py for `ray job submit`: ``--config CONFIG`` is accepted for CONFIG."""
+    args = sys.argv[1:]
+    if args[:1] == ["--config"]:
+        args = args[1:]
+    return main([subcommand, *args])
+
+
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `raytron config --schema | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)

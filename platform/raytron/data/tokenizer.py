@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raytron.data.packing import BlockPacker
+
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|bos|>"
 PAD_TOKEN = "<|pad|>"
@@ -84,11 +86,9 @@ def pack_documents(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: i
     ``block[1:]``; because blocks do not overlap, the step from the last token of one
     block to the first of the next is not trained (one target in ``seq_len + 1``).
     """
-    block = seq_len + 1
     eos = np.array([eos_id], dtype=dtype)
     pieces = []
     for tokens in token_lists:
         pieces += [np.asarray(tokens, dtype=dtype), eos]
     stream = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
-    n_blocks = len(stream) // block
-    return stream[: n_blocks * block].reshape(n_blocks, block)
+    return BlockPacker(seq_len).add(stream)

@@ -37,6 +37,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_startup.py
 	$(PY) bench/bench_prepare.py --mbytes 100
 	$(PY) bench/bench_data_wait.py
 	$(PY) bench/bench_serve.py

@@ -1,7 +1,7 @@
-"""Training throughput of Ray Train + DeepSpeed vs a bare PyTorch loop, and time to first step.
+"""Training throughput of Ray Train + DeepSpeed vs a bare PyTorch loop (goal >= 0.97).
 
-Part 1, throughput (goal >= 0.97). One process starts a local Ray cluster, then runs in turn,
-round by round, order reversed every other round so drift in machine load hits each alike:
+One process starts a local Ray cluster, then runs in turn, round by round, order reversed every
+other round so drift in machine load hits each alike:
 
   bare     plain PyTorch in this process: build_model, torch.optim.AdamW (same param groups,
            betas, weight decay), the warmup+cosine LambdaLR, clip_grad_norm_, the same blocks
@@ -11,45 +11,31 @@ round by round, order reversed every other round so drift in machine load hits e
 
 Steady state excludes the first --warmup steps and the last step (its checkpoint lands in it):
 tokens/s = tokens per step x steps in the window / wall time of the window. For the bare loop the
-window is timed around the whole iteration; for Ray the train function is wrapped (see below) and
-the window runs from the end of step `warmup`'s publish to the end of step `steps-1`'s, so it holds
-everything a step costs: data, compute, ray.train.report (on log and checkpoint steps), MLflow,
-Prometheus. The per-step losses of
-bare and Ray are compared too (same model, data and optimizer must give the same numbers).
+window is timed around the whole iteration; for Ray the train function is wrapped
+(bench/worker_marks.py) and the window runs from the end of step `warmup`'s publish to the end of
+step `steps-1`'s, so it holds everything a step costs: data, compute, ray.train.report (on log and
+checkpoint steps), MLflow, Prometheus. The per-step losses of bare and Ray are compared too (same
+model, data and optimizer must give the same numbers). Besides the pooled tokens/s, the ratio of
+median step periods is printed: on a shared machine a burst of other load lengthens a few steps,
+which moves the mean far more than the median.
 
-Part 2, start-up (goal <= 20 s): a child process (so the clock starts at process creation) does
-what `raytron train` does -- imports, ray.init (a new local cluster with the dashboard, as
-raytron.train.cluster.connect's fallback), demo data as Ray Datasets, an MLflow run, fit() with
-2 workers (pp=2 by default) -- and prints the timeline up to the first finished step, with the
-controller's own milestones read from Ray Train's system log.
+Time to the first step is bench/bench_startup.py.
 
-Worker-side timestamps: the platform has no hook for them, so the bench replaces
-raytron.train.ray_trainer._worker in this process with a wrapper (no file is edited). Ray pickles the
-wrapper by value; in the worker it patches, for that process only, deepspeed.init_distributed,
-loop.TrainingEngine (init, train_step), loop.StepBatches.next, RaySession.report/publish and
-ray.train.report to note time.time(), calls the real _worker, and writes the marks to a JSON file.
-
-    .venv/bin/python bench/bench_train.py                 # both parts (~4-5 minutes on 2 shared cores)
-    .venv/bin/python bench/bench_train.py --part throughput --rounds 3 --threads 2
+    .venv/bin/python bench/bench_train.py                 # ~3 minutes on 2 shared cores
+    .venv/bin/python bench/bench_train.py --rounds 3 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
-PROCESS_START = psutil.Process().create_time()  # before the heavy imports: part 2's clock starts here
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import numpy as np  # noqa: E402
@@ -60,9 +46,10 @@ from raytron.config import RaytronConfig, load_config  # noqa: E402
 from raytron.data.demo_data import demo_data  # noqa: E402
 from raytron.model.gpt import build_model  # noqa: E402
 from raytron.train import ray_trainer  # noqa: E402
+
+import worker_marks  # noqa: E402  (bench/, next to this file)
 from raytron.train.schedule import lr_multiplier  # noqa: E402
 
-IMPORTED = time.time()
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / ".raytron"  # raytron train's own workdir: the demo corpus cache is shared
 CORPUS_BYTES = 1_000_000
@@ -94,106 +81,19 @@ def start_ray(num_cpus: int, dashboard: bool) -> None:
              log_to_driver=False)
 
 
-# ---------------------------------------------------------------- worker-side timestamps
-
-
-def timed_worker_factory(marks_dir: str):
-    """The wrapper put in place of ray_trainer._worker (a closure: Ray ships it by value)."""
-
-    def timed_worker(payload: dict) -> dict:
-        entered = time.time()
-        import deepspeed
-        import psutil
-        import ray.train
-        from raytron.train import loop, ray_session
-        from raytron.train import ray_trainer as real
-
-        marks = {"process_created": psutil.Process().create_time(), "entered": entered, "imported": time.time(),
-                 "step_end": [], "batch_ready": [], "report_end": [], "report_s": [], "ray_report_s": []}
-        saved = (deepspeed.init_distributed, loop.TrainingEngine, loop.StepBatches,
-                 ray_session.RaySession.report, ray_session.RaySession.publish, ray.train.report)
-        init_distributed, engine_cls, batches_cls, session_report, session_publish, train_report = saved
-
-        def timed_init_distributed(*a, **k):
-            marks["init_distributed_start"] = time.time()
-            out = init_distributed(*a, **k)
-            marks["init_distributed_end"] = time.time()
-            return out
-
-        class TimedEngine(engine_cls):
-            def __init__(self, *a, **k):
-                marks["engine_start"] = time.time()
-                super().__init__(*a, **k)
-                marks["engine_built"] = time.time()
-
-            def train_step(self, micro_batches):
-                loss = super().train_step(micro_batches)
-                marks["step_end"].append(time.time())
-                return loss
-
-        class TimedBatches(batches_cls):
-            def next(self):
-                out = super().next()
-                marks["batch_ready"].append(time.time())
-                return out
-
-        pending = {"report_s": 0.0, "ray_report_s": 0.0}  # report time since the last publish
-
-        def timed_session_report(self, metrics, checkpoint):
-            started = time.perf_counter()
-            session_report(self, metrics, checkpoint)
-            pending["report_s"] += time.perf_counter() - started
-
-        def timed_session_publish(self, metrics):
-            # every step ends with publish (the loop reports to Ray only on log/checkpoint steps)
-            started = time.perf_counter()
-            session_publish(self, metrics)
-            marks["report_s"].append(pending["report_s"] + time.perf_counter() - started)
-            marks["ray_report_s"].append(pending["ray_report_s"])
-            pending.update(report_s=0.0, ray_report_s=0.0)
-            marks["report_end"].append(time.time())
-
-        def timed_train_report(*a, **k):
-            started = time.perf_counter()
-            train_report(*a, **k)
-            pending["ray_report_s"] += time.perf_counter() - started
-
-        deepspeed.init_distributed = timed_init_distributed
-        loop.TrainingEngine, loop.StepBatches = TimedEngine, TimedBatches
-        ray_session.RaySession.report = timed_session_report
-        ray_session.RaySession.publish = timed_session_publish
-        ray.train.report = timed_train_report
-        try:
-            return real._worker(payload)
-        finally:
-            (deepspeed.init_distributed, loop.TrainingEngine, loop.StepBatches,
-             ray_session.RaySession.report, ray_session.RaySession.publish, ray.train.report) = saved
-            rank = ray.train.get_context().get_world_rank()
-            Path(marks_dir, f"rank{rank}.json").write_text(json.dumps(marks))
-
-    return timed_worker
-
-
-def timed_fit(cfg: RaytronConfig, dataset, marks_dir: Path, mlflow: bool, run_name: str,
-              driver_marks: dict | None = None):
+def timed_fit(cfg: RaytronConfig, dataset, marks_dir: Path, mlflow: bool, run_name: str):
     """fit() with the wrapped worker; returns (result, {rank: marks})."""
     from raytron.tracking.mlflow_run import RunTracker
 
-    shutil.rmtree(marks_dir, ignore_errors=True)
-    marks_dir.mkdir(parents=True)
     tracker = RunTracker.start(cfg) if mlflow else None
-    if driver_marks is not None:
-        driver_marks["mlflow_run"] = time.time()
-    original = ray_trainer._worker
-    ray_trainer._worker = timed_worker_factory(str(marks_dir))
+    restore = worker_marks.install(marks_dir)
     try:
         result = ray_trainer.fit(cfg, dataset, mlflow_run_id=tracker.run_id if tracker else None, run_name=run_name)
     finally:
-        ray_trainer._worker = original
+        restore()
     if tracker is not None:
         tracker.finish()
-    marks = {int(p.stem[4:]): json.loads(p.read_text()) for p in marks_dir.glob("rank*.json")}
-    return result, marks
+    return result, worker_marks.read(marks_dir)
 
 
 # ---------------------------------------------------------------- part 1: throughput
@@ -313,134 +213,18 @@ def throughput(args) -> None:
             if name != "bare":
                 diff = max(abs(losses[name][s] - losses["bare"][s]) for s in losses["bare"])
                 print(f"  max |loss difference| {name} vs bare over {len(losses['bare'])} steps: {diff:.2e}")
+    medians = {name: statistics.median(f["step_s_median"] for f in runs) for name, runs in results.items()}
+    if "ray" in medians and "bare" in medians:
+        print(f"  median step period: bare {1e3 * medians['bare']:.1f} ms, ray {1e3 * medians['ray']:.1f} ms; "
+              f"ratio of tokens/s at the median step {medians['bare'] / medians['ray']:.3f}")
     if "ray" in pooled and "bare" in pooled:
         ratio = pooled["ray"] / pooled["bare"]
         print(f"\n  RESULT throughput Ray Train + DeepSpeed / bare torch = {ratio:.3f} (goal >= 0.97: "
               f"{'met' if ratio >= 0.97 else 'NOT met'})  [{load()}]", flush=True)
 
 
-# ---------------------------------------------------------------- part 2: start-up
-
-
-def startup_child(args) -> None:
-    """Runs in its own process; prints one JSON line of absolute timestamps."""
-    t = {"process_start": PROCESS_START, "imported": IMPORTED}
-
-    layout = [f"parallel.{axis}={n}" for axis, n in (("dp", args.startup_dp), ("pp", args.startup_pp)) if n > 1]
-    workdir = Path(tempfile.mkdtemp(prefix="raytron-bench-startup-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    cfg = bench_config(args, [*layout, "parallel.zero_stage=1", "train.steps=2", "train.warmup_steps=1",
-                              f"train.storage_path={workdir / 'runs'}", "name=bench-startup"])
-    try:
-        start_ray(num_cpus=max(os.cpu_count() or 1, int(cfg.world_size * cfg.resources.cpus_per_worker) + 2),
-                  dashboard=True)
-        t["ray_init"] = time.time()
-        rows = blocks(args)
-        train_ds = as_dataset(rows[: 4 * cfg.train.micro_batch_size * cfg.parallel.dp])
-        t["data"] = time.time()
-        _, marks = timed_fit(cfg, train_ds, workdir / "marks", mlflow=True, run_name="bench-startup", driver_marks=t)
-        t["fit_return"] = time.time()
-        t["controller"] = controller_phases()
-        t["world_size"] = cfg.world_size
-        t["layout"] = " ".join(layout)
-        t["marks"] = marks
-    finally:
-        ray.shutdown()
-        shutil.rmtree(workdir, ignore_errors=True)
-    print("STARTUP_JSON " + json.dumps(t), flush=True)
-
-
-def controller_phases() -> list[tuple[str, float]]:
-    """(message, epoch seconds) of Ray Train's controller milestones, from its system log."""
-    from datetime import datetime
-
-    try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path())  # no public API for it
-    except AttributeError:
-        return []
-    wanted = ("Requesting resources", "Placement group ready", "worker actors created",
-              "Train context initialized", "Train function launched")
-    phases = []
-    for log in sorted(session.glob("logs/train/ray-train-sys-controller-*.log")):
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            message = record.get("message", "")
-            if any(key in message for key in wanted):
-                stamp = datetime.strptime(record["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                phases.append((message.split("\n")[0].replace("[Worker Group Initialization] ", ""), stamp))
-    return phases
-
-
-def shm_op_builds() -> dict[str, float]:
-    """mtime of every built DeepSpeed shm comm op (the JIT build every first init_distributed loads)."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    root = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
-    return {str(so): so.stat().st_mtime for so in root.glob("*/deepspeed_shm_comm.so")}
-
-
-def startup(args) -> None:
-    print(f"\npart 2: command start -> first finished step, {args.startup_runs} run(s), 2 workers; {load()}", flush=True)
-    for run in range(args.startup_runs):
-        before = load()
-        builds = shm_op_builds()
-        command = [sys.executable, __file__, "--part", "startup-child", *forwarded(args)]
-        out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("STARTUP_JSON ")), None)
-        if line is None:
-            print(out.stdout[-3000:], out.stderr[-3000:])
-            raise SystemExit("start-up child failed")
-        t = json.loads(line[len("STARTUP_JSON "):])
-        marks = t["marks"].values()
-        zero = t["process_start"]
-
-        def latest(key, index=None):
-            return max((m[key] if index is None else m[key][index]) for m in marks) - zero
-
-        def earliest(key):
-            return min(m[key] for m in marks) - zero
-
-        phases = [
-            ("driver: python + imports (torch, ray, deepspeed, mlflow, raytron)", t["imported"] - zero),
-            ("driver: ray.init done (new local cluster, dashboard on)", t["ray_init"] - zero),
-            ("driver: demo data (cached) -> Ray Dataset", t["data"] - zero),
-            ("driver: MLflow run opened (new sqlite), fit() called", t["mlflow_run"] - zero),
-            *[(f"controller log: {message[:50]}", stamp - zero) for message, stamp in t["controller"]],
-            ("workers: first worker process created", earliest("process_created")),
-            ("workers: last worker process created", latest("process_created")),
-            ("WORKER START: train function entered (last rank)", latest("entered")),
-            ("workers: deepspeed + raytron imported (last rank)", latest("imported")),
-            ("workers: deepspeed.init_distributed done (last rank)", latest("init_distributed_end")),
-            ("DEEPSPEED INIT: engine built (last rank)", latest("engine_built")),
-            ("workers: first batch in hand (last rank)", latest("batch_ready", 0)),
-            ("FIRST STEP FINISHED (last rank)", latest("step_end", 0)),
-            ("workers: first step reported (last rank)", latest("report_end", 0)),
-            ("driver: fit() returned (2 steps, final checkpoint, teardown)", t["fit_return"] - zero),
-        ]
-        print(f"  run {run + 1}: {t['layout']}  [{before} -> {load()}]")
-        previous = 0.0
-        for label, value in sorted(phases, key=lambda phase: phase[1]):
-            print(f"    {label:66s} t={value:6.2f} s  (+{value - previous:5.2f})")
-            previous = value
-        if shm_op_builds() != builds:
-            print("    NOTE: DeepSpeed's shm comm op was (re)built by JIT during this run: its build time is in it")
-        first = latest("step_end", 0)
-        print(f"  RESULT start-up: first finished step at {first:.2f} s after command start with {t['world_size']} "
-              f"workers (goal <= 20 s: {'met' if first <= 20 else 'NOT met'})", flush=True)
-
-
-def forwarded(args) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("part", "rounds", "startup_runs", "variants")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["all", "throughput", "startup", "startup-child"], default="all")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, bare loop and Ray worker alike")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state window")
@@ -452,18 +236,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--startup-runs", type=int, default=1)
-    parser.add_argument("--startup-pp", type=int, default=2)
-    parser.add_argument("--startup-dp", type=int, default=1)
-    args = parser.parse_args()
-    if args.part == "startup-child":
-        startup_child(args)
-        return
-    if args.part in ("all", "throughput"):
-        throughput(args)
-    if args.part in ("all", "startup"):
-        blocks(args)  # the demo data cache is built before the clock of the start-up child starts
-        startup(args)
+    throughput(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -95,6 +95,18 @@ def test_run_records_config_metrics_and_lineage(mlflow_server, tmp_path, monkeyp
     assert run.data.tags[GIT_COMMIT_TAG] == commit
 
 
+def test_steps_sent_in_one_batch_keep_their_own_times(mlflow_server):
+    """Rank 0 sends several steps at once; MLflow's charts against wall time need each step's end."""
+    tracker = RunTracker.start(run_config(mlflow_server.url, "batched"))
+    ended_ms = {step: 1_700_000_000_000 + 1_500 * step for step in range(3)}
+    tracker.log_metric_steps([({"loss": losses(range(3))[step]}, step, ended_ms[step]) for step in range(3)])
+    tracker.finish()
+
+    metrics = MlflowClient(mlflow_server.url).get_metric_history(tracker.run_id, "loss")
+    assert tracker.errors == 0
+    assert {metric.step: metric.timestamp for metric in metrics} == ended_ms
+
+
 def test_git_commit_is_unknown_outside_a_repository(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracker = RunTracker.start(run_config(mlflow_server.url, "no-repository"))

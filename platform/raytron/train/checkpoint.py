@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from raytron.train.batches import DataPosition, StepBatches
-from raytron.train.engine import TrainingEngine
+
+if TYPE_CHECKING:  # the engine imports DeepSpeed, which export and the driver do not need
+    from raytron.train.engine import TrainingEngine
 
 MODEL_DIR = "model"
 TOKENIZER_FILE = "tokenizer.json"

@@ -10,6 +10,7 @@ import ray
 from raytron.config import RaytronConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class ResourceError(RuntimeError):
@@ -17,8 +18,8 @@ class ResourceError(RuntimeError):
 
 
 def connect(cfg: RaytronConfig) -> str | None:
-    """Join $RAY_ADDRESS, else a running local cluster, else start one sized for the run.
-    Returns the dashboard URL when this call connected."""
+    """Join $RAY_ADDRESS, else a running local cluster, else start one sized for the run ($RAY_ADDRESS=local
+    always starts one). Returns the dashboard URL when this call connected."""
     if ray.is_initialized():
         return None
     address = os.environ.get("RAY_ADDRESS")
@@ -26,11 +27,21 @@ def connect(cfg: RaytronConfig) -> str | None:
         try:
             return ray.init(address="auto", runtime_env={"py_modules": [str(PACKAGE_DIR)]}).dashboard_url
         except ConnectionError:
-            # Train workers take a CPU each and Ray Data needs some too: over-subscribe
-            # logical CPUs so a 2-core laptop does not deadlock (seen with Ray Data).
-            logical_cpus = max(os.cpu_count() or 1, int(cfg.world_size * cfg.resources.cpus_per_worker) + 2)
-            return ray.init(num_cpus=logical_cpus, include_dashboard=True, dashboard_host="127.0.0.1").dashboard_url
-    return ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}).dashboard_url
+            pass
+    elif address != "local":
+        return ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}).dashboard_url
+    return _start_local_cluster(cfg)
+
+
+def _start_local_cluster(cfg: RaytronConfig) -> str | None:
+    # Train workers take a CPU each and Ray Data needs some too: over-subscribe
+    # logical CPUs so a 2-core laptop does not deadlock (seen with Ray Data).
+    logical_cpus = max(os.cpu_count() or 1, int(cfg.world_size * cfg.resources.cpus_per_worker) + 2)
+    # Ray Train's preemption watcher polls for spot-instance notices: one node we started has none, and the
+    # watcher is one more Python process to start (~2.5 s of CPU). The cluster's processes inherit this.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    return ray.init(address="local", num_cpus=logical_cpus, include_dashboard=True,
+                    dashboard_host="127.0.0.1").dashboard_url
 
 
 def ensure_resources(cfg: RaytronConfig) -> None:

@@ -7,7 +7,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import deepspeed
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -22,7 +21,6 @@ from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import META_FILE
 from raytron.train.cluster import ensure_resources
 from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
-from raytron.train.loop import NonFiniteLoss, train
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
@@ -44,6 +42,11 @@ class TrainingResult:
 
 
 def _worker(payload: dict) -> dict:
+    # imported here, in the worker: the driver never needs DeepSpeed (~2 s of CPU at start-up)
+    import deepspeed
+
+    from raytron.train.loop import NonFiniteLoss, train
+
     cfg = build_config(payload["config"])
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # PipelineModule requires it
@@ -78,13 +81,13 @@ def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
     tracker = None
     if payload.get("mlflow_run_id"):
         tracker = RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"])
-    pending: list[tuple[dict, int]] = []
+    pending: list[tuple[dict, int, int]] = []
 
     def publish(metrics: dict, step: int) -> None:
         gauges.publish(metrics)
         if tracker is None:
             return
-        pending.append((metrics, step))
+        pending.append((metrics, step, int(time.time() * 1000)))
         if step == cfg.train.steps or "checkpoint_time_s" in metrics or step % cfg.train.log_every == 0:
             tracker.log_metric_steps(pending)
             pending.clear()

@@ -31,12 +31,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 import psutil
+
+from cpu_sampler import CpuSampler  # bench/, next to this file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs/configs/tiny_smoke.yaml"
@@ -55,70 +56,13 @@ def set_flags(values: list[str]) -> list[str]:
     return [flag for value in values for flag in ("--set", value)]
 
 
-# ---------------------------------------------------------------- CPU accounting
-
-
-class CpuSampler(threading.Thread):
-    """Every `period` s, the CPU seconds of each process in the trees under `roots`."""
-
-    KINDS = ("gcs_server", "raylet", "log_monitor", "DashboardAgent", "RuntimeEnvAgent", "ray-dashboard",
-             "dashboard.py", "TrainController", "RayTrainWorker")
-
-    def __init__(self, roots: list[int], period: float = 0.25):
-        super().__init__(daemon=True)
-        self.roots, self.period, self.samples, self.running = roots, period, [], True
-
-    @classmethod
-    def _kind(cls, process: psutil.Process) -> str:
-        words = " ".join(process.cmdline())
-        for key in cls.KINDS:
-            if key in words:
-                return "dashboard" if key in ("ray-dashboard", "dashboard.py") else key
-        if words.startswith("ray::"):  # an actor or task process: Ray names it after its class
-            return words.split()[0]
-        return "raytron train (driver)" if process.pid == os.getpid() else process.name()
-
-    def run(self) -> None:
-        while self.running:
-            sample = {}
-            for root in self.roots:
-                try:
-                    top = psutil.Process(root)
-                    tree = [top, *top.children(recursive=True)]
-                except psutil.Error:
-                    continue
-                for process in tree:
-                    try:
-                        with process.oneshot():
-                            times = process.cpu_times()
-                            sample[process.pid] = (self._kind(process), times.user + times.system)
-                    except psutil.Error:
-                        continue
-            self.samples.append((time.time(), sample))
-            time.sleep(self.period)
-
-    def cpu_by_kind(self, until: float) -> dict[str, float]:
-        """CPU seconds per kind of process used between the first sample and `until`."""
-        baseline = {pid: cpu for pid, (_, cpu) in self.samples[0][1].items()} if self.samples else {}
-        kinds, seconds = {}, {}
-        for stamp, sample in self.samples:
-            if stamp > until:
-                break
-            for pid, (kind, cpu) in sample.items():
-                kinds[pid], seconds[pid] = kind, cpu - baseline.get(pid, 0.0)
-        totals: dict[str, float] = {}
-        for pid, cpu in seconds.items():
-            totals[kinds[pid]] = totals.get(kinds[pid], 0.0) + cpu
-        return totals
-
-
 # ---------------------------------------------------------------- the child: the timed command
 
 
 def child(args) -> None:
     """Runs `raytron train` in this process with marks around it; prints one JSON line."""
     process_start = psutil.Process().create_time()
-    sampler = CpuSampler([os.getpid(), *([args.cluster_pid] if args.cluster_pid else [])])
+    sampler = CpuSampler([os.getpid(), *([args.cluster_pid] if args.cluster_pid else [])], driver=os.getpid())
     sampler.start()
     from raytron import cli
     from raytron.train import run
@@ -156,7 +100,7 @@ def child(args) -> None:
 
     print("STARTUP_JSON " + json.dumps({"status": status, "driver": marks, "workers": workers,
                                         "controller": controller_phases(ray),
-                                        "cpu": sampler.cpu_by_kind(first_step)}), flush=True)
+                                        "cpu": sampler.cpu_by_kind(sampler.samples[0][0], first_step)}), flush=True)
 
 
 def controller_phases(ray) -> list[tuple[str, float]]:

@@ -17,7 +17,8 @@ step `steps-1`'s, so it holds everything a step costs: data, compute, ray.train.
 checkpoint steps), MLflow, Prometheus. The per-step losses of bare and Ray are compared too (same
 model, data and optimizer must give the same numbers). Besides the pooled tokens/s, the ratio of
 median step periods is printed: on a shared machine a burst of other load lengthens a few steps,
-which moves the mean far more than the median.
+which moves the mean far more than the median. Each round also prints the CPU milliseconds per
+step of every process over the window (bench/cpu_sampler.py), which other users' load hardly moves.
 
 Time to the first step is bench/bench_startup.py.
 
@@ -48,6 +49,7 @@ from raytron.model.gpt import build_model  # noqa: E402
 from raytron.train import ray_trainer  # noqa: E402
 
 import worker_marks  # noqa: E402  (bench/, next to this file)
+from cpu_sampler import CpuSampler  # noqa: E402
 from raytron.train.schedule import lr_multiplier  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +143,7 @@ def steady(run: dict, warmup: int, tokens_per_step: int) -> dict:
     steps = last - warmup
     periods = np.diff(ends[warmup - 1:last])
     out = {"tokens_per_s": tokens_per_step * steps / window, "step_s_mean": window / steps,
-           "step_s_median": float(np.median(periods))}
+           "step_s_median": float(np.median(periods)), "window": (ends[warmup - 1], ends[last - 1]), "steps": steps}
     if "report_s" in run:
         # per step: data = previous report's end -> batch in hand; compute = batch -> train_step done;
         # report = RaySession.report, of which ray.train.report is one part and MLflow + Prometheus the rest
@@ -176,6 +178,8 @@ def throughput(args) -> None:
           f"{args.threads} torch thread(s), {args.steps} steps/run, window steps {args.warmup + 1}..{args.steps - 1}, "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs; {load()}", flush=True)
     start_ray(num_cpus=4, dashboard=False)
+    sampler = CpuSampler([os.getpid()], driver=os.getpid())
+    sampler.start()
     results: dict[str, list[dict]] = {name: [] for name in variants}
     losses: dict[str, dict] = {}
     try:
@@ -190,6 +194,9 @@ def throughput(args) -> None:
                     run = run_ray(cfg_run, rows, workdir, f"{name}-{round_index}")
                 figures = steady(run, args.warmup, tokens_per_step)
                 figures["load"] = f"{before} -> {load()}"
+                time.sleep(2 * sampler.period)  # a sample past the window's end
+                cpu = sampler.cpu_by_kind(*figures["window"])
+                figures["cpu_ms_per_step"] = {kind: 1e3 * seconds / figures["steps"] for kind, seconds in cpu.items()}
                 results[name].append(figures)
                 losses[name] = run["losses"]
                 extra = "".join(f", {key} {figures[key]:.1f}" for key in (
@@ -197,7 +204,11 @@ def throughput(args) -> None:
                 print(f"  round {round_index + 1} {name:13s} {figures['tokens_per_s']:8.1f} tokens/s  "
                       f"step {1e3 * figures['step_s_mean']:.1f} ms mean, {1e3 * figures['step_s_median']:.1f} ms "
                       f"median{extra}  [{figures['load']}]", flush=True)
+                busiest = sorted(figures["cpu_ms_per_step"].items(), key=lambda item: -item[1])
+                print("      CPU ms per step, all processes: " + f"{sum(v for _, v in busiest):.0f} = " +
+                      ", ".join(f"{kind} {ms:.0f}" for kind, ms in busiest if ms >= 1), flush=True)
     finally:
+        sampler.running = False
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 

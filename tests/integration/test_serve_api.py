@@ -10,6 +10,7 @@ import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ MODEL_NAME = "tiny-gpt"
 API_KEY = "test-key"
 BATCH = 16
 MAX_TOKENS = 48
+STREAM_INTERVAL_S = 0.3
+"""http.stream_interval_s of the second app, far longer than a step of the tiny model; the first app
+sends every step's text (0)."""
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return the value of the parameter.",
          "This module provides a class for reading files.", "Raises ValueError if the input is empty."]
 SERIES = ("raytron_serve_requests_total", "raytron_serve_errors_total", "raytron_serve_generated_tokens_total",
@@ -57,7 +61,7 @@ def serve_config(source: str, port: int, **model) -> dict:
     return {"model": {"source": source, "name": MODEL_NAME, **model},
             "limits": {"max_batch_size": BATCH, "max_tokens": MAX_TOKENS, "max_request_bytes": 20_000},
             "deployment": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 1}},
-            "http": {"host": "127.0.0.1", "port": port, "api_key": API_KEY}}
+            "http": {"host": "127.0.0.1", "port": port, "api_key": API_KEY, "stream_interval_s": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +71,17 @@ def served(ray_cluster, tmp_path_factory):
     url = run_app(cfg)
     yield url, folder
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def coalescing(served):
+    """A second app on the same model and proxy whose streams send text at most every STREAM_INTERVAL_S."""
+    url, folder = served
+    config = serve_config(str(folder), int(url.rsplit(":", 1)[1]))
+    config["app_name"] = "coalescing"
+    config["http"] |= {"route_prefix": "/coalescing", "stream_interval_s": STREAM_INTERVAL_S}
+    yield run_app(build_serve_config(config))
+    serve.delete("coalescing")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +168,54 @@ def test_streamed_completion_adds_up_to_the_plain_one(client, served):
     assert streamed == plain.text
     with_usage = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == plain_usage.completion_tokens
+
+
+def streamed_events(url: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed completion with usage (the stream must end with [DONE])."""
+    raw = post(f"{url}/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert raw.status_code == 200, raw.text
+    events = [event for event in raw.text.split("\n\n") if event]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(event.removeprefix("data: ")) for event in events[:-1]]
+
+
+@pytest.mark.parametrize("app", ["served", "coalescing"])
+def test_streamed_chunks_join_to_the_plain_text_and_never_outnumber_the_tokens(request, app):
+    found = request.getfixturevalue(app)
+    url = found[0] if app == "served" else found
+    greedy = {"model": MODEL_NAME, "prompt": TEXTS[3], "max_tokens": MAX_TOKENS, "temperature": 0}
+    unstopped = post(f"{url}/v1/completions", greedy).json()["choices"][0]["text"]
+    stop = unstopped[12:15]  # in the middle of the text: the stream must hold back its first letters
+    stopped = post(f"{url}/v1/completions", {**greedy, "stop": stop}).json()["choices"][0]["text"]
+    assert len(stop) == 3 and stopped == unstopped[:unstopped.index(stop)]
+    bodies = [seeded_request(i) for i in (1, 2, 5, 6)] + [
+        {**greedy, "stop": stop}, {**seeded_request(3), "prompt": TEXTS[:3], "max_tokens": 30}]
+    chunks, tokens = 0, 0
+    for body in bodies:
+        plain = post(f"{url}/v1/completions", body).json()
+        events = streamed_events(url, body)
+        assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+        for choice in plain["choices"]:  # one per prompt; a stream interleaves them by index
+            mine = [event["choices"][0] for event in events[:-1] if event["choices"][0]["index"] == choice["index"]]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [choice["finish_reason"]]
+            chunks += sum(1 for c in mine if c["text"])
+        tokens += plain["usage"]["completion_tokens"]
+    assert chunks <= tokens
+    if app == "coalescing":
+        # what an interval generated went out together: 15 chunks for these 155 tokens in one run, 84 with
+        # interval 0 (characters still incomplete and steps queued behind one another coalesce there too)
+        assert chunks <= tokens / 4, (chunks, tokens)
+
+
+def test_coalescing_streams_free_their_slots_when_clients_disconnect(coalescing):
+    body = {"model": MODEL_NAME, "prompt": TEXTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    connections = [open_stream(coalescing, body) for _ in range(4)]
+    assert health(coalescing)["running"] > 0
+    for connection in connections:
+        connection.close()
+    wait_for(lambda: (lambda h: h["free_slots"] == BATCH and h["running"] == 0)(health(coalescing)),
+             "the disconnected streams' slots are free")
 
 
 def test_chat_completion_renders_the_template(client, local):
@@ -267,9 +330,9 @@ def wait_for(condition, what: str, deadline_s: float = 120.0):
 
 def open_stream(url: str, body: dict) -> http.client.HTTPConnection:
     """POST a streaming request and read its first event; the open connection is returned."""
-    host, port = url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=120)
-    connection.request("POST", "/v1/completions", json.dumps(body),
+    where = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=120)
+    connection.request("POST", f"{where.path}/v1/completions", json.dumps(body),
                        {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200 and response.readline().startswith(b"data: {")

@@ -57,6 +57,7 @@ BAD = [
     ({"model": {"source": "x"}, "sampling": {"max_tokens": 300}}, ["sampling.max_tokens: default 300 exceeds"]),
     ({"model": {"source": "x"}, "limits": {"context": 64, "max_tokens": 64}}, ["limits.max_tokens: 64 leaves no room"]),
     ({"model": {"source": "x"}, "http": {"port": 70000}}, ["http.port"]),
+    ({"model": {"source": "x"}, "http": {"stream_interval_s": -0.1}}, ["http.stream_interval_s"]),
 ]
 
 

@@ -7,8 +7,10 @@ Python, dominate a decode step):
    `generation.generate` (a batch forms, runs to its longest request, then the next forms).
    Throughput = completion tokens / wall time; p50/p99 latency and time to first token per request.
    The three produce the same tokens (per-request seeds, batch-invariant engine), so they do the same work.
-2. http overhead: the same requests through the continuous app vs the engine called in-process at the
-   same concurrency (asyncio tasks in this process).
+2. http overhead: the same requests through the continuous app (not streamed, and streamed at each
+   --stream-intervals value) vs the engine called in-process at the same concurrency (asyncio tasks in
+   this process, and in a Ray actor as niced as the replica), in rounds; the CPU the Serve proxy and
+   the replica spent per run.
 3. decode: our KV-cache `generate` vs `transformers` `generate` on the exported weights, batch 1 and 16.
 
     .venv/bin/python bench/bench_serve.py                 # about 6 minutes on 2 cores
@@ -41,6 +43,7 @@ from raytron.model.gpt import build_model, count_parameters, to_decode_layout
 from raytron.model.sampling import SamplingParams
 from raytron.serve.engine import Engine, EngineLimits
 from raytron.serve.model_source import load_model
+from raytron.serve.settings import Http
 
 MODEL = ModelConfig(flavour="gpt", vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8,
                     max_position_embeddings=512)
@@ -56,6 +59,8 @@ class Outcome:
     ttft: float
     tokens: int
     text: str
+    chunks: int = 1
+    """Events that carried text (streamed); 1 for a whole reply."""
 
 
 def workload(texts: list[str], tokenizer, requests_per_client: int) -> list[list[dict]]:
@@ -79,7 +84,7 @@ def stream_request(port: int, path: str, body: dict) -> Outcome:
     connection.request("POST", path, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
                        {"Content-Type": "application/json"})
     response = connection.getresponse()
-    ttft, text, tokens = None, [], 0
+    ttft, text, tokens, chunks = None, [], 0, 0
     for line in response:
         if not line.startswith(b"data: {"):
             continue
@@ -87,10 +92,11 @@ def stream_request(port: int, path: str, body: dict) -> Outcome:
         if chunk["choices"] and chunk["choices"][0]["text"]:
             ttft = ttft or time.perf_counter() - start
             text.append(chunk["choices"][0]["text"])
+            chunks += 1
         tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
     connection.close()
     latency = time.perf_counter() - start
-    return Outcome(latency, ttft or latency, tokens, "".join(text))
+    return Outcome(latency, ttft or latency, tokens, "".join(text), chunks)
 
 
 def plain_request(port: int, path: str, body: dict) -> Outcome:
@@ -188,24 +194,8 @@ def bench_batching(folder: Path, plans: list[list[dict]], port: int, threads: in
     return results
 
 
-def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, threads: int) -> None:
-    from ray import serve
-
-    from raytron.serve.app import build_app
-
-    serve.run(build_app(serve_config(folder, CLIENTS, threads)), name="cb", route_prefix="/cb")
-    stream_request(port, "/cb/v1/completions", plans[0][0])
-    http_seconds, http_outcomes = run_clients(plans, lambda body: stream_request(port, "/cb/v1/completions", body))
-    http_row = summary("through Serve (HTTP, streamed)", http_seconds, http_outcomes)
-    plain_seconds, plain_outcomes = run_clients(plans, lambda body: plain_request(port, "/cb/v1/completions", body))
-    plain_row = summary("through Serve (HTTP, not streamed)", plain_seconds, plain_outcomes)
-    serve.delete("cb")
-
-    torch.set_num_threads(threads)
-    loaded = load_model(str(folder))
-    engine = Engine(loaded.model, loaded.eos_id, loaded.tokenizer.decode,
-                    EngineLimits(CLIENTS, 100_000, MODEL.max_position_embeddings))
-
+async def engine_clients(engine: Engine, tokenizer, plans: list[list[dict]]) -> tuple[float, list[Outcome]]:
+    """The clients of run_clients as asyncio tasks calling the engine directly (no HTTP)."""
     async def client(plan: list[dict]) -> list[Outcome]:
         outcomes = []
         for body in plan:
@@ -213,24 +203,111 @@ def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, thread
             ttft, tokens = None, 0
             params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"],
                                     seed=body["seed"])
-            async for delta in engine.stream(loaded.tokenizer.encode(body["prompt"]).ids, params):
+            async for delta in engine.stream(tokenizer.encode(body["prompt"]).ids, params):
                 ttft = ttft or (time.perf_counter() - start if delta.text else None)
                 tokens = delta.completion_tokens
             latency = time.perf_counter() - start
             outcomes.append(Outcome(latency, ttft or latency, tokens, ""))
         return outcomes
 
-    async def all_clients() -> tuple[float, list[Outcome]]:
-        await engine.complete(loaded.tokenizer.encode(plans[0][0]["prompt"]).ids, SamplingParams(max_new_tokens=4))
-        start = time.perf_counter()
-        per_client = await asyncio.gather(*(client(plan) for plan in plans))
-        return time.perf_counter() - start, [o for outcomes in per_client for o in outcomes]
+    await engine.complete(tokenizer.encode(plans[0][0]["prompt"]).ids, SamplingParams(max_new_tokens=4))
+    start = time.perf_counter()
+    per_client = await asyncio.gather(*(client(plan) for plan in plans))
+    return time.perf_counter() - start, [o for outcomes in per_client for o in outcomes]
 
-    local_seconds, local_outcomes = asyncio.run(all_clients())
-    engine.close()
-    local_row = summary("in-process engine (asyncio)", local_seconds, local_outcomes)
-    print(f"HTTP / in-process tokens/s: streamed {http_row['tokens_per_s'] / local_row['tokens_per_s']:.2f}, "
-          f"not streamed {plain_row['tokens_per_s'] / local_row['tokens_per_s']:.2f} (goal >= 0.9)")
+
+class InProcess:
+    """An engine and its clients in one process: this one, or a Ray actor like the replica (same
+    worker niceness and CPU reservation as the replica, so the comparison isolates HTTP and Serve)."""
+
+    def __init__(self, folder: str, threads: int):
+        torch.set_num_threads(threads)
+        self.loaded = load_model(folder)
+        self.engine = Engine(self.loaded.model, self.loaded.eos_id, self.loaded.tokenizer.decode,
+                             EngineLimits(CLIENTS, 100_000, MODEL.max_position_embeddings))
+
+    def run(self, plans: list[list[dict]]) -> tuple[float, list[Outcome]]:
+        return asyncio.run(engine_clients(self.engine, self.loaded.tokenizer, plans))
+
+    def niceness(self) -> int:
+        return os.nice(0)
+
+
+def process_cpu_seconds(title: str) -> float:
+    """CPU seconds (user + system) so far of the processes under this one (the Ray cluster it started,
+    not another one on the machine) whose title starts with ``title``."""
+    import psutil
+
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if (process.cmdline() or [""])[0].startswith(title):
+                times = process.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:  # ended meanwhile
+            pass
+    return total
+
+
+def bench_http_overhead(folder: Path, plans: list[list[dict]], port: int, threads: int, rounds: int,
+                        stream_intervals: list[float]) -> None:
+    """Rounds of runs of the same requests, one after another: the engine in this process and in a Ray
+    actor, through Serve not streamed, and streamed from one app per ``http.stream_interval_s``. Ratios
+    are per round (the load of a shared machine drifts), then the median over rounds."""
+    import ray
+    from ray import serve
+
+    from raytron.serve.app import build_app
+
+    paths = []
+    for number, interval in enumerate(stream_intervals):
+        config = serve_config(folder, CLIENTS, threads)
+        config["http"] = {"stream_interval_s": interval}
+        serve.run(build_app(config), name=f"cb{number}", route_prefix=f"/cb{number}")
+        paths.append(f"/cb{number}/v1/completions")
+        stream_request(port, paths[-1], plans[0][0])
+    here = InProcess(str(folder), threads)
+    actor = ray.remote(num_cpus=threads)(InProcess).remote(str(folder), threads)
+    print(f"niceness: this process {os.nice(0)}, Ray actor {ray.get(actor.niceness.remote())} "
+          "(Ray starts workers, Serve replicas included, at its worker niceness)", flush=True)
+    plain = "through Serve (HTTP, not streamed)"
+    variants = {
+        "in-process engine (this process)": here.run,
+        "in-process engine (Ray actor)": lambda plans: ray.get(actor.run.remote(plans)),
+        plain: lambda plans: run_clients(plans, lambda body: plain_request(port, paths[0], body)),
+    }
+    replicas = {plain: "ray::ServeReplica:cb0:"}  # process titles, for the CPU each variant costs
+    for number, (interval, path) in enumerate(zip(stream_intervals, paths)):
+        name = f"through Serve (HTTP, streamed, interval {interval} s)"
+        variants[name] = lambda plans, path=path: run_clients(plans, lambda body: stream_request(port, path, body))
+        replicas[name] = f"ray::ServeReplica:cb{number}:"
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    texts: dict[str, list[str]] = {}
+    for round_ in range(rounds):
+        print(f"round {round_ + 1}/{rounds}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        for name, run in variants.items():
+            cpu = (process_cpu_seconds("ray::ProxyActor"), process_cpu_seconds(replicas.get(name, "-")),
+                   time.process_time())
+            seconds, outcomes = run(plans)
+            rates[name].append(summary(name, seconds, outcomes)["tokens_per_s"])
+            if name in replicas:  # the CPU that HTTP costs: the proxy's, and the replica's beyond the model's
+                texts.setdefault(name, [o.text for o in outcomes])
+                tokens, chunks = sum(o.tokens for o in outcomes), sum(o.chunks for o in outcomes)
+                print(f"  {chunks} text chunks for {tokens} tokens ({tokens / chunks:.2f} tokens per chunk); "
+                      f"CPU seconds: Serve proxy {process_cpu_seconds('ray::ProxyActor') - cpu[0]:.1f}, "
+                      f"replica {process_cpu_seconds(replicas[name]) - cpu[1]:.1f}, "
+                      f"clients {time.process_time() - cpu[2]:.1f}", flush=True)
+    for number in range(len(stream_intervals)):
+        serve.delete(f"cb{number}")
+    ray.kill(actor)
+    here.engine.close()
+    print(f"streamed texts equal the plain ones: {len({tuple(t) for t in texts.values()}) == 1}")
+    names = list(variants)
+    for base in names[:2]:
+        for name in names[2:]:
+            ratios = [r / b for r, b in zip(rates[name], rates[base])]
+            print(f"{name} / {base}: per round {', '.join(f'{r:.2f}' for r in ratios)}; "
+                  f"median {statistics.median(ratios):.2f} (goal >= 0.9)")
 
 
 def bench_decode(threads: int, rounds: int, device: str) -> None:
@@ -257,6 +334,11 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the model (replica or in-process)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the decode comparison")
+    parser.add_argument("--http-rounds", type=int, default=3, help="rounds of the http comparison")
+    parser.add_argument("--stream-intervals", default=f"0,{Http().stream_interval_s}",
+                        help="comma-separated http.stream_interval_s values (seconds), one streamed app each, at most "
+                             "3 (8 CPUs in the local cluster); 0 sends every step's text; the second default is "
+                             "the config's default")
     parser.add_argument("--device", default="cpu", help="device of the decode comparison (cuda on a GPU box)")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -285,7 +367,8 @@ def main() -> None:
             if "batching" in parts:
                 bench_batching(folder, plans, port, args.threads)
             if "http" in parts:
-                bench_http_overhead(folder, plans, port, args.threads)
+                bench_http_overhead(folder, plans, port, args.threads, args.http_rounds,
+                                    [float(value) for value in args.stream_intervals.split(",")])
             serve.shutdown()
             ray.shutdown()
     print(f"load average at end {os.getloadavg()[0]:.1f}")

@@ -160,3 +160,23 @@ def test_streamed_deltas_add_up_to_the_completion_and_stop_at_a_stop_string(mode
     assert text == reference[:reference.find(stop)]
     assert all(stop not in d.text for d in deltas)
     assert deltas[-1].finish_reason == "stop" and all(d.finish_reason is None for d in deltas[:-1])
+
+
+def test_an_interval_hands_over_the_same_text_in_fewer_deltas(model):
+    prompt, params = PROMPTS[1], SamplingParams(max_new_tokens=30, temperature=0.9, seed=7)
+    reference = generate(model, [prompt], params, EOS, letters)[0]
+
+    async def run(interval_s):
+        engine = engine_for(model)
+        deltas = [d async for d in engine.stream(prompt, params, interval_s)]
+        engine.close()
+        return deltas
+
+    every_step, hour = asyncio.run(run(0.0)), asyncio.run(run(3600.0))
+    assert "".join(d.text for d in every_step) == "".join(d.text for d in hour) == reference.text
+    # one letter per token: with no interval every step hands over its letter; an hour lets only the
+    # first text and the end through
+    assert len(every_step) == len(reference.tokens) and len(hour) == 2
+    for deltas in (every_step, hour):
+        assert deltas[-1].finish_reason == reference.finish_reason
+        assert deltas[-1].completion_tokens == len(reference.tokens)

@@ -54,12 +54,6 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def _joined(first: Delta | None, then: Delta) -> Delta:
-    """Two consecutive deltas of one stream as one. (Helpers of the deployment are defined above it:
-    the class is serialized when decorated, with the module globals it uses that exist by then.)"""
-    return then if first is None else Delta(first.text + then.text, then.completion_tokens, then.finish_reason)
-
-
 @serve.deployment
 @serve.ingress(api)
 class OpenAIServer:
@@ -225,48 +219,27 @@ class OpenAIServer:
         return StreamingResponse(with_end(), media_type="text/event-stream")
 
     async def _merged(self, prepared: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Delta]]:
-        """Deltas of several engine streams, tagged with the prompt's index and coalesced per prompt:
-        what is queued when this generator runs goes out as one delta, and after something went out
-        the next waits until ``http.stream_interval_s`` has passed (a finishing stream goes at once).
-        Every event costs CPU in the replica, the Serve proxy and the client, and steps of a busy
-        replica come faster than the client needs them (bench/README.md, Serving). Closing this
-        iterator (a client that disconnected) cancels every stream, freeing their slots."""
-        loop = asyncio.get_running_loop()
-        interval = self.cfg.http.stream_interval_s
+        """Deltas of several engine streams as they come (at most one per ``http.stream_interval_s``
+        each), tagged with the prompt's index. Closing this iterator (a client that disconnected)
+        cancels every stream, freeing their slots."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
             try:
-                async for delta in self.engine.stream(ids, params):
+                async for delta in self.engine.stream(ids, params, self.cfg.http.stream_interval_s):
                     queue.put_nowait((index, delta))
             except Exception as error:
                 queue.put_nowait((index, error))
 
         tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(prepared)]
-        held: dict[int, Delta] = {}
-        unfinished, send_at, finishing = len(tasks), 0.0, False
+        finished = 0
         try:
-            while unfinished or held:
-                if held and (finishing or loop.time() >= send_at):
-                    for index in sorted(held):
-                        yield index, held[index]
-                    held, finishing, send_at = {}, False, loop.time() + interval
-                    continue
-                try:  # wait for news, while text is held only until it is due
-                    item = await (asyncio.wait_for(queue.get(), send_at - loop.time()) if held else queue.get())
-                except TimeoutError:
-                    continue
-                while True:
-                    index, delta = item
-                    if isinstance(delta, Exception):
-                        raise delta
-                    if delta.text or delta.finish_reason:  # a step whose text is all held back sends nothing
-                        held[index] = _joined(held.get(index), delta)
-                        finishing |= delta.finish_reason is not None
-                        unfinished -= delta.finish_reason is not None
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
+            while finished < len(tasks):
+                index, delta = await queue.get()
+                if isinstance(delta, Exception):
+                    raise delta
+                yield index, delta
+                finished += delta.finish_reason is not None
         finally:
             for task in tasks:
                 task.cancel()

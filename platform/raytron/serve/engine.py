@@ -9,6 +9,12 @@ once and its slot is free for the next iteration. A consumer that goes away (an 
 disconnecting cancels its stream) marks its request cancelled and the loop frees the slot
 before the next step.
 
+A request's new text is handed to its consumer at most once per the interval it asked for (its
+first text and its end at once): each delta costs its consumer, and behind an HTTP stream the
+Serve proxy and the client, CPU that the model's threads share. A step that hands nothing over
+costs nothing beyond the model; its text goes out with the next delta. ``complete`` asks for an
+endless interval: its first text and its end.
+
 Each sequence samples with its own parameters and seeded generator and attends only to its
 own slot, so a seeded request produces the same text alone or in a full batch.
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -72,8 +79,11 @@ class Delta:
 
 
 class _Request:
-    def __init__(self, prompt: list[int], params: SamplingParams):
+    def __init__(self, prompt: list[int], params: SamplingParams, interval_s: float):
         self.prompt = prompt
+        self.interval_s = interval_s
+        self.deliver_at = 0.0
+        """perf_counter time from which new text is handed over (first text: at once)."""
         self.state = SequenceState(len(prompt), params)
         self.deltas: asyncio.Queue[Delta | EngineFailure] = asyncio.Queue()
         self.slot: int | None = None
@@ -140,13 +150,15 @@ class Engine:
         return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free_slots),
                 "max_batch_size": self.limits.max_batch_size, "steps": self.steps}
 
-    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Queue a request and yield its deltas; the last one has a finish_reason. Closing the
-        iterator early (or cancelling its consumer) cancels the request."""
+    async def stream(self, prompt: list[int], params: SamplingParams, interval_s: float = 0.0) -> AsyncIterator[Delta]:
+        """Queue a request and yield its deltas: each has new text, the last has a finish_reason (and
+        maybe no text). After one, the next but the last comes no sooner than ``interval_s`` later (0:
+        every step's text once it is final). Closing the iterator early (or cancelling its consumer)
+        cancels the request."""
         if not prompt:
             raise ValueError("prompt: needs at least one token")
         self.check(len(prompt), params.max_new_tokens)
-        request = _Request(prompt, params)
+        request = _Request(prompt, params, interval_s)
         self._start()
         self.waiting.append(request)
         self._wakeup.set()
@@ -165,7 +177,7 @@ class Engine:
     async def complete(self, prompt: list[int], params: SamplingParams) -> Delta:
         """The whole completion as one delta."""
         text = []
-        async for delta in self.stream(prompt, params):
+        async for delta in self.stream(prompt, params, math.inf):
             text.append(delta.text)
         return Delta("".join(text), delta.completion_tokens, delta.finish_reason)
 
@@ -242,8 +254,12 @@ class Engine:
             (first_token if request.last_token_at is None else inter_token).append(
                 now - (request.last_token_at or request.submitted))
             request.last_token_at = now
+            if request.state.done is None and now < request.deliver_at:
+                continue
             delta = request.next_delta()
-            request.deltas.put_nowait(delta)
+            if delta.text or delta.finish_reason is not None:
+                request.deltas.put_nowait(delta)
+                request.deliver_at = now + request.interval_s
             if delta.finish_reason is not None:
                 self._release(request)
         if self.metrics is not None:

@@ -85,7 +85,7 @@ class Http(Section):
     """When set, every route but /health needs `Authorization: Bearer <api_key>` (401 otherwise)."""
     stream_interval_s: float = Field(0.2, ge=0.0)
     """A stream sends a request's new text at most this often; what is generated meanwhile goes out
-    together as one chunk (the first and the last chunk go at once). Every chunk costs CPU in the
+    together as one chunk (the first text and the end go at once). Every chunk costs CPU in the
     replica, the Serve proxy and the client; 0 sends each step's text as it comes."""
 
 

@@ -8,6 +8,7 @@ alias "demo" -> Ray Serve (OpenAI-compatible HTTP) -> one completion with curl.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -72,6 +73,9 @@ def serve_and_curl(cfg: ServeConfig) -> str:
 def main() -> None:
     cfg = load_config(CONFIG)
     started = time.perf_counter()
+    # The demo owns its cluster: `auto` would join whatever cluster another process on this
+    # machine started last (a test session's, say) and die with it. $RAY_ADDRESS still wins.
+    os.environ.setdefault("RAY_ADDRESS", "local")
     dashboard = connect(cfg)
     result = run_training(cfg, workdir=WORKDIR)
     losses = result.metrics["losses"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -48,6 +49,9 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"serving {cfg.model.name} at {url}/v1 (Ctrl-C stops)\n"
           f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} "
           f"-d '{{\"model\": \"{cfg.model.name}\", \"prompt\": \"Return the\", \"max_tokens\": 16}}'", flush=True)
+    # `ray job stop` sends SIGTERM: remove the app then too, or it keeps serving (Serve apps outlive
+    # the driver that deployed them)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

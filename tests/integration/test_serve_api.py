@@ -348,16 +348,21 @@ def test_disconnecting_mid_stream_frees_the_slot(served):
         connection.close()
     wait_for(lambda: (lambda h: h["free_slots"] == BATCH and h["running"] == 0)(health(url)),
              "the disconnected streams' slots are free")
-    # the next requests run at full batch again
+    # the next requests run at full batch again. A burst is seen full only while its last request has
+    # joined and its first not left (48 steps); on a loaded machine that window can fall between two
+    # polls, so up to three bursts: with a slot leaked none could ever be full
     full = {"model": MODEL_NAME, "prompt": TEXTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
-    with ThreadPoolExecutor(BATCH) as pool:
-        replies = [pool.submit(post, f"{url}/v1/completions", full) for _ in range(BATCH)]
-        peak = 0
-        while not all(reply.done() for reply in replies):
-            peak = max(peak, health(url)["running"])
-            time.sleep(0.05)
-    assert all(reply.result().status_code == 200 for reply in replies)
-    assert peak == BATCH
+    peaks = []
+    while len(peaks) < 3 and BATCH not in peaks:
+        with ThreadPoolExecutor(BATCH) as pool:
+            replies = [pool.submit(post, f"{url}/v1/completions", full) for _ in range(BATCH)]
+            peak = 0
+            while not all(reply.done() for reply in replies):
+                peak = max(peak, health(url)["running"])
+                time.sleep(0.05)
+        assert all(reply.result().status_code == 200 for reply in replies)
+        peaks.append(peak)
+    assert peaks[-1] == BATCH, peaks
 
 
 def well_formed(body: dict, stream: bool) -> bool:

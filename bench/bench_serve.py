@@ -13,7 +13,7 @@ Python, dominate a decode step):
    the replica spent per run.
 3. decode: our KV-cache `generate` vs `transformers` `generate` on the exported weights, batch 1 and 16.
 
-    .venv/bin/python bench/bench_serve.py                 # about 6 minutes on 2 cores
+    .venv/bin/python bench/bench_serve.py                 # all parts (http alone: 8-9 minutes on 2 shared cores)
     .venv/bin/python bench/bench_serve.py --parts decode  # one part
 """
 

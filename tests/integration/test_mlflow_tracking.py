@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from raytron.config import RaytronConfig, TrackingConfig, schema_rows
+from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import (CONFIG_HASH_TAG, DATA_MANIFEST_TAG, FAST_FAILURE_ENV, GIT_COMMIT_TAG,
                                          RUN_ID_TAG, RunTracker, download_model_folder, register_model_version,
                                          resolve_tracking_uri, set_alias)
@@ -105,6 +106,22 @@ def test_steps_sent_in_one_batch_keep_their_own_times(mlflow_server):
     metrics = MlflowClient(mlflow_server.url).get_metric_history(tracker.run_id, "loss")
     assert tracker.errors == 0
     assert {metric.step: metric.timestamp for metric in metrics} == ended_ms
+
+
+def test_background_sender_delivers_every_batch_by_drain(mlflow_server):
+    """Rank 0 hands batches to a thread and goes on training; drain (the last step) returns only once
+    all of them are in MLflow, each step with its own time."""
+    tracker = RunTracker.start(run_config(mlflow_server.url, "background"))
+    sender = BackgroundMetricSender(tracker)
+    ended_ms = {step: 1_700_000_000_000 + 700 * step for step in range(20)}
+    for first in range(0, 20, 5):
+        sender.send([({"loss": losses(range(20))[step]}, step, ended_ms[step]) for step in range(first, first + 5)])
+    sender.drain()
+
+    metrics = MlflowClient(mlflow_server.url).get_metric_history(tracker.run_id, "loss")
+    assert tracker.errors == 0
+    assert {metric.step: metric.timestamp for metric in metrics} == ended_ms
+    assert {metric.step: metric.value for metric in metrics} == losses(range(20))
 
 
 def test_git_commit_is_unknown_outside_a_repository(mlflow_server, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import META_FILE
 from raytron.train.cluster import ensure_resources
 from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
+from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
@@ -75,22 +76,24 @@ def _source(payload: dict, split: str) -> BlockSource | None:
 
 def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
     """Rank 0 alone sends metrics to MLflow (the driver's run) and Prometheus. The gauges are set every
-    step; MLflow gets every step's metrics in one request per log/checkpoint step (and the last), so
-    no step waits on the tracking server."""
+    step; MLflow gets every step's metrics in one request per log/checkpoint step (and the last), sent
+    from a background thread so no step waits on the tracking server; the last step waits for them."""
     gauges = TrainingGauges(payload["run_name"])
-    tracker = None
+    sender = None
     if payload.get("mlflow_run_id"):
-        tracker = RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"])
+        sender = BackgroundMetricSender(RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"]))
     pending: list[tuple[dict, int, int]] = []
 
     def publish(metrics: dict, step: int) -> None:
         gauges.publish(metrics)
-        if tracker is None:
+        if sender is None:
             return
         pending.append((metrics, step, int(time.time() * 1000)))
         if step == cfg.train.steps or "checkpoint_time_s" in metrics or step % cfg.train.log_every == 0:
-            tracker.log_metric_steps(pending)
+            sender.send(pending)
             pending.clear()
+        if step == cfg.train.steps:
+            sender.drain()
     return publish
 
 

@@ -80,3 +80,18 @@ def test_unwritable_storage_fails_at_start(ray_cluster, s3_env, text_blocks, sto
     cfg = load_config("jobs/configs/tiny_smoke.yaml", TINY + [f"train.storage_path={storage}"])
     with pytest.raises(StorageError, match=storage):
         fit(cfg, blocks_dataset(text_blocks.train_blocks, 8))
+
+
+def test_splits_too_small_for_one_step_fail_before_training(ray_cluster, tmp_path):
+    """A validation split smaller than one global batch used to fail at the first evaluation, after
+    the training it was meant to check; now both splits are measured against a step before fit."""
+    storage = tmp_path / "runs"
+    common = TINY + [f"train.storage_path={storage}", "data.validation_fraction=0.002"]
+    with pytest.raises(ValueError, match=r"the validation split holds \d+ blocks .* fewer than one global batch of "
+                                         r"64 \(train.micro_batch_size 64 .*raise data.validation_fraction"):
+        run_training(load_config("jobs/configs/tiny_smoke.yaml", common + ["train.micro_batch_size=64"]),
+                     workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"the train split holds \d+ blocks .* fewer than one global batch of 50000"):
+        run_training(load_config("jobs/configs/tiny_smoke.yaml",
+                                 common + ["train.micro_batch_size=50000", "train.eval_every=0"]), workdir=tmp_path)
+    assert list_dirs(str(storage)) == ["prepared"]  # data was prepared; no training run was started

@@ -60,8 +60,9 @@ class DataPosition:
 
 
 class StepBatches:
-    def __init__(self, source: BlockSource | None, cfg: RaytronConfig, topology: Topology):
+    def __init__(self, source: BlockSource | None, cfg: RaytronConfig, topology: Topology, split: str = "training"):
         self.source = source
+        self.split = split
         self.topology = topology
         self.micro = cfg.train.micro_batch_size
         self.accum = cfg.train.grad_accum_steps
@@ -99,7 +100,7 @@ class StepBatches:
                 self.position.batch += 1
                 return batch
             if self.position.batch == 0:
-                raise ValueError(f"training data has fewer than {rows * self.topology.layout.dp} blocks: "
+                raise ValueError(f"the {self.split} data has fewer than {rows * self.topology.layout.dp} blocks: "
                                  "one global batch cannot be filled")
             self.position = DataPosition(self.position.epoch + 1, 0)
             self._iterator = None

@@ -31,7 +31,7 @@ def _due(step: int, every: int, last: int) -> bool:
 
 
 def evaluate(engine: TrainingEngine, source: BlockSource, cfg: RaytronConfig, topology: Topology) -> dict[str, float]:
-    batches = StepBatches(source, cfg, topology)
+    batches = StepBatches(source, cfg, topology, split="validation")
     loss = engine.eval_loss(batches.next())
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 

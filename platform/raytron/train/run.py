@@ -40,6 +40,9 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer of {prepared.url} "
                          f"has {manifest.vocab_size} tokens")
 
+    for split in ("train", "validation") if cfg.train.eval_every else ("train",):
+        require_one_global_batch(cfg, split, manifest.splits[split].rows if split in manifest.splits else 0)
+
     def source(split: str) -> PreparedShards | None:
         info = manifest.splits.get(split)
         if info is None or info.rows == 0:
@@ -48,6 +51,22 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
                               cfg.train.seq_len + 1, data.endpoint_url, data.region)
     tokenizer_json = read_bytes(join_url(prepared.url, TOKENIZER_FILE), data.endpoint_url, data.region).decode()
     return TrainingData(source("train"), source("validation"), tokenizer_json, manifest.fingerprint)
+
+
+def require_one_global_batch(cfg: RaytronConfig, split: str, rows: int) -> None:
+    """Fail before any worker starts when a split cannot fill one step's blocks: the step (or, for
+    validation, the evaluation at the last step) would otherwise fail only after training."""
+    train, dp = cfg.train, cfg.parallel.dp
+    needed = train.micro_batch_size * train.grad_accum_steps * dp
+    if split == "validation" and cfg.data.validation_fraction == 0:
+        return
+    if rows < needed:
+        knob = ("data.validation_fraction (or set train.eval_every=0)" if split == "validation"
+                else "the corpus")
+        raise ValueError(f"the {split} split holds {rows} blocks of train.seq_len+1={train.seq_len + 1} tokens, "
+                         f"fewer than one global batch of {needed} (train.micro_batch_size {train.micro_batch_size} "
+                         f"x train.grad_accum_steps {train.grad_accum_steps} x parallel.dp {dp}): "
+                         f"raise {knob} or lower those")
 
 
 def streaming_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:

@@ -348,19 +348,20 @@ def test_disconnecting_mid_stream_frees_the_slot(served):
         connection.close()
     wait_for(lambda: (lambda h: h["free_slots"] == BATCH and h["running"] == 0)(health(url)),
              "the disconnected streams' slots are free")
-    # the next requests run at full batch again. A burst is seen full only while its last request has
-    # joined and its first not left (48 steps); on a loaded machine that window can fall between two
-    # polls, so up to three bursts: with a slot leaked none could ever be full
-    full = {"model": MODEL_NAME, "prompt": TEXTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
+    # the next requests run at full batch again. One request with BATCH prompts hands them to the
+    # engine together (separate requests can reach a loaded replica one after another and never
+    # overlap); the batch is full for its 48 steps, which a poll can still miss on a loaded machine,
+    # so up to three tries: with a slot leaked none could ever be full
+    full = {"model": MODEL_NAME, "prompt": [TEXTS[1]] * BATCH, "max_tokens": MAX_TOKENS, "temperature": 0}
     peaks = []
     while len(peaks) < 3 and BATCH not in peaks:
-        with ThreadPoolExecutor(BATCH) as pool:
-            replies = [pool.submit(post, f"{url}/v1/completions", full) for _ in range(BATCH)]
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(post, f"{url}/v1/completions", full)
             peak = 0
-            while not all(reply.done() for reply in replies):
+            while not reply.done():
                 peak = max(peak, health(url)["running"])
-                time.sleep(0.05)
-        assert all(reply.result().status_code == 200 for reply in replies)
+                time.sleep(0.02)
+        assert reply.result().status_code == 200 and len(reply.result().json()["choices"]) == BATCH
         peaks.append(peak)
     assert peaks[-1] == BATCH, peaks
 

@@ -224,6 +224,11 @@ class RaytronConfig(Section):
         return self.parallel.dp * self.parallel.pp * self.parallel.tp
 
     @property
+    def global_batch_size(self) -> int:
+        """Blocks (sequences) per optimizer step: micro batch x grad accumulation x dp."""
+        return self.train.micro_batch_size * self.train.grad_accum_steps * self.parallel.dp
+
+    @property
     def padded_vocab_size(self) -> int:
         return self.model.padded_vocab(self.parallel.tp)
 

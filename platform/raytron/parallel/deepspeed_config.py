@@ -23,7 +23,7 @@ def deepspeed_config(cfg: RaytronConfig) -> dict[str, Any]:
     derived = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * parallel.dp,
+        "train_batch_size": cfg.global_batch_size,
         # DeepSpeed 0.19 clips at 1.0 when this key is absent: always say it (0 disables)
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},

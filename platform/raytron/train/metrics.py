@@ -13,7 +13,7 @@ from raytron.model.flops import flops_per_token, mfu, peak_bf16_flops
 class StepMeter:
     def __init__(self, cfg: RaytronConfig):
         self.world_size = cfg.world_size
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.dp * cfg.train.seq_len
+        self.tokens_per_step = cfg.global_batch_size * cfg.train.seq_len
         self.flops_per_token = flops_per_token(cfg)
         gpu = torch.cuda.get_device_name() if cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available() else None
         self.peak_flops = peak_bf16_flops(gpu)

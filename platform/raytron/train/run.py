@@ -40,7 +40,8 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer of {prepared.url} "
                          f"has {manifest.vocab_size} tokens")
 
-    for split in ("train", "validation") if cfg.train.eval_every else ("train",):
+    evaluated = cfg.train.eval_every and cfg.data.validation_fraction
+    for split in ("train", "validation") if evaluated else ("train",):
         require_one_global_batch(cfg, split, manifest.splits[split].rows if split in manifest.splits else 0)
 
     def source(split: str) -> PreparedShards | None:
@@ -56,10 +57,7 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
 def require_one_global_batch(cfg: RaytronConfig, split: str, rows: int) -> None:
     """Fail before any worker starts when a split cannot fill one step's blocks: the step (or, for
     validation, the evaluation at the last step) would otherwise fail only after training."""
-    train, dp = cfg.train, cfg.parallel.dp
-    needed = train.micro_batch_size * train.grad_accum_steps * dp
-    if split == "validation" and cfg.data.validation_fraction == 0:
-        return
+    train, dp, needed = cfg.train, cfg.parallel.dp, cfg.global_batch_size
     if rows < needed:
         knob = ("data.validation_fraction (or set train.eval_every=0)" if split == "validation"
                 else "the corpus")

@@ -89,6 +89,19 @@ class ResourcesConfig(Section):
     """CPUs reserved per worker."""
     gpus_per_worker: float = Field(0.0, ge=0.0)
     """GPUs per worker; 0 trains on CPU with gloo, > 0 on GPU with nccl."""
+    custom: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+    """Custom Ray resources per worker ({name: amount}), e.g. to steer workers to a node type that offers them."""
+    accelerator_type: str | None = None
+    """Ray accelerator type every worker needs (e.g. A100, H100): workers go only to nodes of that type."""
+
+    @field_validator("custom")
+    @classmethod
+    def _no_builtin_names(cls, custom: dict[str, float]) -> dict[str, float]:
+        # CPU and GPU have fields of their own; a second way to set them would be ambiguous
+        builtin = sorted(set(custom) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if builtin:
+            raise ValueError(f"{builtin} are not custom resources: use cpus_per_worker / gpus_per_worker")
+        return custom
 
 
 class TrainConfig(Section):

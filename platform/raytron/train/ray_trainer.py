@@ -19,7 +19,7 @@ from raytron.parallel.topology import Topology
 from raytron.storage import check_writable, filesystem_for, is_remote, list_dirs
 from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import META_FILE
-from raytron.train.cluster import ensure_resources
+from raytron.train.cluster import ensure_resources, reporting_scale_up, worker_resources
 from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
@@ -124,7 +124,7 @@ def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: 
     """Train on an already connected Ray cluster. Each split is a Ray Dataset of packed blocks (read whole by
     every DP reader, in order) or a BlockSource that splits by DP group itself (prepared shards, streaming).
     ``run_name`` pins the run folder (tests, Tune)."""
-    ensure_resources(cfg)
+    capacity = ensure_resources(cfg)
     storage = cfg.train.storage_path
     check_writable(storage)
     name = run_name or resolve_run_name(cfg, storage, resume)
@@ -141,9 +141,8 @@ def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: 
                            "tracking_uri": resolve_tracking_uri(cfg.tracking), "run_name": name,
                            "fault": os.environ.get(FAULT_ENV_VAR)},
         scaling_config=ScalingConfig(
-            num_workers=cfg.world_size, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.resources.cpus_per_worker,
-                                  **({"GPU": cfg.resources.gpus_per_worker} if use_gpu else {})}),
+            num_workers=cfg.world_size, use_gpu=use_gpu, resources_per_worker=worker_resources(cfg),
+            accelerator_type=cfg.resources.accelerator_type),
         run_config=RunConfig(
             name=name, storage_path=storage_inside,
             storage_filesystem=filesystem if is_remote(storage) else None,
@@ -154,7 +153,8 @@ def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: 
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    result = trainer.fit()
+    with reporting_scale_up(cfg, capacity):
+        result = trainer.fit()
     metrics = result.return_value or {}
     if "stopped" in metrics:
         raise TrainingStopped(metrics["stopped"])

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import torch
 
-from raytron.model.generation import Completion, SequenceState, decode_step, prefill
+from raytron.model.generation import Completion, SequenceState, decode_step, mask_padded_vocab, prefill
 from raytron.model.gpt import GPT
 from raytron.model.sampling import SamplingParams, choose_tokens
 from raytron.serve.logprobs import TokenLogprob, chosen_logprobs, log_softmax, prefill_scoring
@@ -301,6 +301,7 @@ class Engine:
         requests = [r for r in requests if not r.scoring_only]
         if not requests:
             return
+        logits = mask_padded_vocab(logits, self.vocab_size)  # tokens the tokenizer lacks are never chosen
         states = [r.state for r in requests]
         chosen = choose_tokens(logits, [s.params for s in states], [s.generator for s in states],
                                [(r.prompt, r.state.tokens) for r in requests], self.eos_id).tolist()

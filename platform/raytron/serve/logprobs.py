@@ -37,7 +37,7 @@ def chosen_logprobs(logprobs: torch.Tensor, tokens: list[int], top_k: list[int])
     """logprobs (B, V) of one step, the token each row chose, and how many top tokens each row wants."""
     widest = max(top_k, default=0)
     values, ids = torch.topk(logprobs, widest, dim=-1) if widest else (None, None)  # each (B, k)
-    picked = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()  # (B,)
+    picked = logprobs[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)].tolist()  # (B,)
     entries = []
     for row, (token, k) in enumerate(zip(tokens, top_k)):
         top = tuple(zip(ids[row, :k].tolist(), values[row, :k].tolist())) if k else ()

@@ -35,7 +35,7 @@ from raytron.serve.engine import Delta, Engine, EngineLimits
 from raytron.serve.logprob_shapes import chat_logprobs, legacy_logprobs
 from raytron.serve.prepare import Choice, prepare_choices, prompt_ids
 from raytron.serve.metrics import ServeMetrics
-from raytron.serve.model_source import MODEL_URI_PREFIX, load_model
+from raytron.serve.model_source import MODEL_URI_PREFIX, check_source, load_model
 from raytron.serve.settings import ServeConfig, build_serve_config, load_serve_config
 from raytron.tracking.mlflow_run import resolve_tracking_uri
 
@@ -293,11 +293,20 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
 
 def run_app(cfg: ServeConfig) -> str:
-    """Start Serve's proxy on the config's host and port, deploy, wait until the replicas are up and
-    return the base URL. Serve keeps the host and port of its first start in a cluster, so the URL is
+    """Check that the model source exists (ModelSourceError otherwise, before anything starts), start
+    Serve's proxy on the config's host and port, deploy, wait until the replicas are up and return the
+    base URL; a deploy that fails removes its app. Serve keeps the host and port of its first start in a cluster, so the URL is
     read back from Serve (a cluster already serving elsewhere says where), not from the config."""
+    pinned = pinned_to_this_machine(cfg)
+    check_source(pinned.model.source, pinned.model.tracking_uri)  # a missing model fails here, not in replicas
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    try:
+        serve.run(build_app(pinned), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    except BaseException:
+        # whatever failed the deploy, take the half-deployed app down: Serve's proxy would otherwise
+        # keep accepting its requests and never answer them
+        serve.delete(cfg.app_name)
+        raise
     http = serve.context._get_global_client().get_serve_details()["http_options"]
     if (http["host"], http["port"]) != (cfg.http.host, cfg.http.port):
         log.warning("Serve already listened on %s:%s in this cluster; http.host/port of the config are not applied",

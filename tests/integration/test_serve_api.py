@@ -41,6 +41,10 @@ MAX_TOKENS = 48
 STREAM_INTERVAL_S = 0.3
 """http.stream_interval_s of the second app, far longer than a step of the tiny model; the first app
 sends every step's text (0)."""
+CONTEXT = 128
+"""The first app's context window (limits.context)."""
+LONG_CONTEXT = 2048
+"""The model's window and the second app's: room for streams that run for thousands of steps."""
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return the value of the parameter.",
          "This module provides a class for reading files.", "Raises ValueError if the input is empty."]
 SERIES = ("raytron_serve_requests_total", "raytron_serve_errors_total", "raytron_serve_generated_tokens_total",
@@ -53,13 +57,14 @@ def tiny_export(folder: Path) -> Path:
     tokenizer = train_tokenizer(TEXTS * 20, vocab_size=300, min_frequency=1)
     tokenizer_path = save_tokenizer(tokenizer, folder / "tokenizer")
     cfg = ModelConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, num_layers=2, num_heads=4,
-                      max_position_embeddings=128)
+                      max_position_embeddings=LONG_CONTEXT)
     return export_huggingface(build_model(cfg, seed=11), folder / "export", tokenizer_path, eos_token_id=0)
 
 
 def serve_config(source: str, port: int, **model) -> dict:
     return {"model": {"source": source, "name": MODEL_NAME, **model},
-            "limits": {"max_batch_size": BATCH, "max_tokens": MAX_TOKENS, "max_request_bytes": 20_000},
+            "limits": {"max_batch_size": BATCH, "max_tokens": MAX_TOKENS, "max_request_bytes": 20_000,
+                       "context": CONTEXT},
             "deployment": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 1}},
             "http": {"host": "127.0.0.1", "port": port, "api_key": API_KEY, "stream_interval_s": 0}}
 
@@ -75,10 +80,13 @@ def served(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def coalescing(served):
-    """A second app on the same model and proxy whose streams send text at most every STREAM_INTERVAL_S."""
+    """A second app on the same model and proxy whose streams send text at most every STREAM_INTERVAL_S,
+    with the model's whole window: every slot can hold a stream that runs for thousands of steps."""
     url, folder = served
     config = serve_config(str(folder), int(url.rsplit(":", 1)[1]))
     config["app_name"] = "coalescing"
+    config["limits"] |= {"context": LONG_CONTEXT, "max_tokens": ENDLESS_TOKENS,
+                         "max_tokens_in_flight": BATCH * LONG_CONTEXT}
     config["http"] |= {"route_prefix": "/coalescing", "stream_interval_s": STREAM_INTERVAL_S}
     yield run_app(build_serve_config(config))
     serve.delete("coalescing")
@@ -209,13 +217,12 @@ def test_streamed_chunks_join_to_the_plain_text_and_never_outnumber_the_tokens(r
 
 
 def test_coalescing_streams_free_their_slots_when_clients_disconnect(coalescing):
-    body = {"model": MODEL_NAME, "prompt": TEXTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    connections = [open_stream(coalescing, body) for _ in range(4)]
-    assert health(coalescing)["running"] > 0
+    before = health(coalescing)
+    connections = [open_stream(coalescing, ENDLESS) for _ in range(4)]
     for connection in connections:
         connection.close()
-    wait_for(lambda: (lambda h: h["free_slots"] == BATCH and h["running"] == 0)(health(coalescing)),
-             "the disconnected streams' slots are free")
+    after = wait_for(lambda: settled(coalescing), "the disconnected streams' slots are free")
+    assert after["cancelled"] - before["cancelled"] == 4  # they ended by the disconnects, not by finishing
 
 
 def test_chat_completion_renders_the_template(client, local):
@@ -244,7 +251,7 @@ ERROR_TABLE = [
     ("body not an object", b"[1, 2]", {}, 400, None),
     ("wrong type", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": "5"}, {}, 400, "max_tokens"),
     ("prompt missing", {"model": MODEL_NAME}, {}, 400, "prompt"),
-    ("unknown field", {"model": MODEL_NAME, "prompt": "hi", "best_of": 3}, {}, 400, "best_of"),
+    ("unknown field", {"model": MODEL_NAME, "prompt": "hi", "best_ofs": 3}, {}, 400, "best_ofs"),
     ("max_tokens 0", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, {}, 400, "max_tokens"),
     ("max_tokens negative", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, {}, 400, "max_tokens"),
     ("max_tokens over the limit", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": MAX_TOKENS + 1}, {}, 400,
@@ -253,7 +260,7 @@ ERROR_TABLE = [
     ("negative temperature", {"model": MODEL_NAME, "prompt": "hi", "temperature": -0.5}, {}, 400, "temperature"),
     ("top_p 0", {"model": MODEL_NAME, "prompt": "hi", "top_p": 0}, {}, 400, "top_p"),
     ("top_p above 1", {"model": MODEL_NAME, "prompt": "hi", "top_p": 1.5}, {}, 400, "top_p"),
-    ("n 2", {"model": MODEL_NAME, "prompt": "hi", "n": 2}, {}, 400, "n"),
+    ("n 0", {"model": MODEL_NAME, "prompt": "hi", "n": 0}, {}, 400, "n"),
     ("unknown model", {"model": "gpt-4", "prompt": "hi"}, {}, 404, "model"),
     ("body too large", {"model": MODEL_NAME, "prompt": "x" * 30_000}, {}, 413, None),
     ("no api key", {"model": MODEL_NAME, "prompt": "hi"}, {"Authorization": ""}, 401, None),
@@ -294,27 +301,16 @@ def test_chat_errors_and_unknown_routes_use_the_same_shape(served):
     assert request(f"{served[0]}/v1/models", headers={"Authorization": ""}).status_code == 401  # every /v1 route
 
 
+ENDLESS_TOKENS = LONG_CONTEXT - 64
+ENDLESS = {"model": MODEL_NAME, "prompt": TEXTS[0], "max_tokens": ENDLESS_TOKENS, "temperature": 0,
+           "ignore_eos": True, "stream": True}
+"""A stream that can end only by its client leaving while a test runs (thousands of steps)."""
+
+
 def seeded_request(index: int) -> dict:
     return {"model": MODEL_NAME, "prompt": TEXTS[index % len(TEXTS)] * (1 + index % 3),
             "max_tokens": 8 + 2 * (index % 7), "temperature": 0.0 if index % 4 == 0 else 1.0,
             "top_p": 0.9, "seed": 100 + index}
-
-
-def test_sixteen_concurrent_seeded_requests_equal_one_at_a_time(served, client):
-    requests = [seeded_request(i) for i in range(16)]
-
-    async def together():
-        async with openai.AsyncOpenAI(base_url=f"{served[0]}/v1", api_key=API_KEY, max_retries=0) as async_client:
-            responses = await asyncio.gather(*(async_client.completions.create(**r) for r in requests))
-        return [r.choices[0].text for r in responses]
-
-    steps_before = health(served[0])["steps"]
-    concurrent = asyncio.run(together())
-    steps_concurrent = health(served[0])["steps"] - steps_before
-    alone = [client.completions.create(**r).choices[0].text for r in requests]
-    assert concurrent == alone
-    # batched for real: far fewer engine steps than the 16 requests' tokens added up
-    assert steps_concurrent < sum(r["max_tokens"] for r in requests) // 2
 
 
 def wait_for(condition, what: str, deadline_s: float = 120.0):
@@ -328,6 +324,17 @@ def wait_for(condition, what: str, deadline_s: float = 120.0):
     raise AssertionError(f"never happened: {what}")
 
 
+def settled(url: str) -> dict | None:
+    """/health once nothing runs or waits and every slot is free (a steady state, not a moment)."""
+    state = health(url)
+    return state if state["free_slots"] == BATCH and state["running"] == state["waiting"] == 0 else None
+
+
+def steps_with(state: dict, size: int) -> int:
+    """Engine steps so far that ran ``size`` sequences together (the engine's record, /health)."""
+    return state["batch_steps"].get(str(size), 0)
+
+
 def open_stream(url: str, body: dict) -> http.client.HTTPConnection:
     """POST a streaming request and read its first event; the open connection is returned."""
     where = urllib.parse.urlsplit(url)
@@ -339,31 +346,45 @@ def open_stream(url: str, body: dict) -> http.client.HTTPConnection:
     return connection
 
 
-def test_disconnecting_mid_stream_frees_the_slot(served):
-    url = served[0]
-    body = {"model": MODEL_NAME, "prompt": TEXTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-    connections = [open_stream(url, body) for _ in range(BATCH)]
-    assert health(url)["free_slots"] < BATCH
-    for connection in connections:  # each has produced a token; now the clients go away
+def fill_every_slot(url: str) -> list[http.client.HTTPConnection]:
+    """BATCH endless streams (each holds its slot for ~2000 steps unless its client leaves)."""
+    return [open_stream(url, ENDLESS) for _ in range(BATCH)]
+
+
+def test_sixteen_concurrent_seeded_requests_equal_one_at_a_time(coalescing):
+    """Every slot held by an endless stream, the 16 requests queue together; when the streams go,
+    they run batched with each other (and with streams not yet dropped), whatever the machine's speed."""
+    url = coalescing
+    requests = [seeded_request(i) for i in range(16)]
+    alone = [post(f"{url}/v1/completions", r).json()["choices"][0]["text"] for r in requests]
+    blockers = fill_every_slot(url)
+    with ThreadPoolExecutor(16) as pool:
+        replies = [pool.submit(post, f"{url}/v1/completions", r) for r in requests]
+        wait_for(lambda: health(url)["waiting"] == 16, "the 16 requests queue behind the full batch")
+        full_before = steps_with(health(url), 16)
+        for blocker in blockers:
+            blocker.close()
+        concurrent = [reply.result().json()["choices"][0]["text"] for reply in replies]
+    assert concurrent == alone
+    after = wait_for(lambda: settled(url), "every slot is free again")
+    assert steps_with(after, 16) > full_before  # they ran in full batches
+
+
+def test_disconnecting_mid_stream_frees_the_slot(coalescing):
+    url = coalescing
+    before = health(url)
+    connections = fill_every_slot(url)
+    for connection in connections:  # each holds a slot for ~2000 more steps; now the clients go away
         connection.close()
-    wait_for(lambda: (lambda h: h["free_slots"] == BATCH and h["running"] == 0)(health(url)),
-             "the disconnected streams' slots are free")
-    # the next requests run at full batch again. One request with BATCH prompts hands them to the
-    # engine together (separate requests can reach a loaded replica one after another and never
-    # overlap); the batch is full for its 48 steps, which a poll can still miss on a loaded machine,
-    # so up to three tries: with a slot leaked none could ever be full
-    full = {"model": MODEL_NAME, "prompt": [TEXTS[1]] * BATCH, "max_tokens": MAX_TOKENS, "temperature": 0}
-    peaks = []
-    while len(peaks) < 3 and BATCH not in peaks:
-        with ThreadPoolExecutor(1) as pool:
-            reply = pool.submit(post, f"{url}/v1/completions", full)
-            peak = 0
-            while not reply.done():
-                peak = max(peak, health(url)["running"])
-                time.sleep(0.02)
-        assert reply.result().status_code == 200 and len(reply.result().json()["choices"]) == BATCH
-        peaks.append(peak)
-    assert peaks[-1] == BATCH, peaks
+    after = wait_for(lambda: settled(url), "the disconnected streams' slots are free")
+    assert after["cancelled"] - before["cancelled"] == BATCH  # they ended by the disconnects, not by finishing
+    # the next requests run at full batch again: one request with BATCH prompts hands them to the engine
+    # together; the engine's record of its steps says how full they were (with a slot leaked no step
+    # could hold BATCH sequences)
+    full = {"model": MODEL_NAME, "prompt": [TEXTS[1]] * BATCH, "max_tokens": 8, "temperature": 0}
+    reply = post(f"{url}/v1/completions", full)
+    assert reply.status_code == 200 and len(reply.json()["choices"]) == BATCH
+    assert steps_with(health(url), BATCH) > steps_with(after, BATCH)
 
 
 def well_formed(body: dict, stream: bool) -> bool:

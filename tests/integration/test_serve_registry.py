@@ -3,14 +3,20 @@ export code path (Hugging Face folder -> MLflow model version -> alias), then se
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import openai
 import pytest
+import ray
+import yaml
 from ray import serve
 
 from raytron.config import RaytronConfig
 from raytron.model.sampling import SamplingParams
 from raytron.serve.app import run_app
-from raytron.serve.model_source import load_model
+from raytron.serve.model_source import ModelSourceError, load_model
 from raytron.serve.settings import build_serve_config
 from raytron.tracking.mlflow_run import RunTracker, register_model_version, set_alias
 from tests.integration.test_serve_api import API_KEY, MODEL_NAME, TEXTS, reference, serve_config, tiny_export
@@ -44,3 +50,31 @@ def test_serves_a_registered_alias_through_mlflow(ray_cluster, mlflow_server, re
     assert text == reference(load_model(str(registered)), TEXTS[3], SamplingParams(max_new_tokens=10, temperature=0))
     downloaded = load_model(source, mlflow_server.url)
     assert downloaded.origin != str(registered) and downloaded.tokenizer.get_vocab_size() > 256
+
+
+def replicas() -> list[str]:
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith("SERVE_REPLICA")]
+
+
+@pytest.mark.parametrize("source", [f"models:/no-such-model@production", f"models:/{REGISTERED}@no-such-alias",
+                                    f"models:/{REGISTERED}/99"])
+def test_a_source_the_registry_lacks_fails_before_any_replica_starts(ray_cluster, mlflow_server, registered, source):
+    cfg = build_serve_config(serve_config(source, free_port(), tracking_uri=mlflow_server.url))
+    before = replicas()
+    with pytest.raises(ModelSourceError) as error:
+        run_app(cfg)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("model.source:") and source in message
+    assert mlflow_server.url in message
+    assert replicas() == before
+
+
+def test_a_missing_folder_fails_in_the_cli_with_one_line_and_no_ray(tmp_path):
+    config = serve_config(str(tmp_path / "nothing-here"), free_port())
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "raytron.cli", "serve", str(tmp_path / "serve.yaml")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("raytron serve: model.source:") and "nothing-here" in line

@@ -99,7 +99,7 @@ def test_requests_are_parsed_strictly_and_errors_name_the_parameter():
     assert request.prompt == ["a", "b"] and request.stops() == ("\n",) and request.temperature == 1.0
     for body, param in [({"model": "m", "prompt": "a", "max_tokens": 2.0}, "max_tokens"),
                         ({"model": "m", "prompt": "a", "stream": "yes"}, "stream"),
-                        ({"model": "m", "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
+                        ({"model": "m", "prompt": "a", "stop": [str(i) for i in range(17)]}, "stop"),
                         ({"model": "m", "prompt": []}, "prompt"),
                         ({"model": "m", "messages": []}, "messages")]:
         schema = ChatCompletionRequest if "messages" in body else CompletionRequest

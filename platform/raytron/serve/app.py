@@ -28,13 +28,14 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from raytron.config import TrackingConfig
-from raytron.model.sampling import SamplingParams
 from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     completion_body, models_body, new_id, parse_request, text_choice, usage)
-from raytron.serve.engine import Delta, Engine, EngineLimits, RequestTooLarge
+from raytron.serve.engine import Delta, Engine, EngineLimits
+from raytron.serve.logprob_shapes import chat_logprobs, legacy_logprobs
+from raytron.serve.prepare import Choice, prepare_choices, prompt_ids
 from raytron.serve.metrics import ServeMetrics
-from raytron.serve.model_source import MODEL_URI_PREFIX, load_model
+from raytron.serve.model_source import MODEL_URI_PREFIX, check_source, load_model
 from raytron.serve.settings import ServeConfig, build_serve_config, load_serve_config
 from raytron.tracking.mlflow_run import resolve_tracking_uri
 
@@ -66,11 +67,13 @@ class OpenAIServer:
         model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_id = loaded.eos_id
+        self.vocab_size = min(self.tokenizer.get_vocab_size(), model.cfg.vocab_size)
         limits = self.cfg.limits
         context = limits.context or model.cfg.max_position_embeddings
         self.metrics = ServeMetrics(self.cfg.model.name)
         self.engine = Engine(model, loaded.eos_id, self.tokenizer.decode,
-                             EngineLimits(limits.max_batch_size, limits.max_tokens_in_flight, context), self.metrics)
+                             EngineLimits(limits.max_batch_size, limits.max_tokens_in_flight, context), self.metrics,
+                             self.vocab_size)
         self.created = int(time.time())
         log.info("serving %s from %s (context %d)", self.cfg.model.name, loaded.origin, context)
 
@@ -135,75 +138,84 @@ class OpenAIServer:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ApiError(400, f"could not parse the JSON body of the request: {error}", code="invalid_json") from None
 
-    def _prepare(self, body: CompletionRequest | ChatCompletionRequest, prompt: str, param: str,
-                 extra_stops: tuple[str, ...] = ()) -> tuple[list[int], SamplingParams]:
-        """Tokenize one prompt and turn the request's parameters (or the config's defaults) into
-        SamplingParams that fit the context window; the ids and the params."""
-        ids = self.tokenizer.encode(prompt).ids or [self.eos_id or 0]  # an empty prompt opens a new text
-        context, limits, defaults = self.engine.limits.context, self.cfg.limits, self.cfg.sampling
-        if len(ids) >= context:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; the context window is {context} tokens, "
-                                "including at least one to generate", param, "context_length_exceeded")
-        if body.max_tokens is not None and body.max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens: {body.max_tokens} exceeds this server's limit of {limits.max_tokens}",
-                           "max_tokens", "invalid_value")
-        # an explicit max_tokens must fit; the default shrinks to what the window leaves
-        max_tokens = body.max_tokens or min(defaults.max_tokens, context - len(ids))
-        try:
-            self.engine.check(len(ids), max_tokens)
-        except RequestTooLarge as error:
-            raise ApiError(400, str(error), "max_tokens", "context_length_exceeded") from None
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
-            top_k=defaults.top_k if body.top_k is None else body.top_k,
-            seed=body.seed, stop=body.stops() + extra_stops)
-        return ids, params
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _legacy_logprobs(self, delta: Delta, echo_offset: int, offset: int) -> dict[str, Any]:
+        """A completion delta's logprobs in the legacy shape; with echo the prompt's entries first
+        (they carry text offsets from 0, the generated ones from ``offset``)."""
+        shape = legacy_logprobs(delta.logprobs, self._token_text, offset)
+        if delta.prompt_logprobs is None:
+            return shape
+        prompt = legacy_logprobs(delta.prompt_logprobs, self._token_text, echo_offset)
+        return {key: prompt[key] + shape[key] for key in shape}
 
     async def _completion(self, body: CompletionRequest) -> Response | dict:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prepared = [self._prepare(body, prompt, "prompt") for prompt in prompts]
+        given = body.prompts()
+        prompts = [prompt_ids(prompt, self.tokenizer, self.vocab_size, "prompt" if len(given) == 1 else f"prompt.{i}",
+                              self.eos_id) for i, prompt in enumerate(given)]
+        choices = prepare_choices(body, prompts, self.engine, self.cfg, self.vocab_size, "prompt")
         request_id, name = new_id("cmpl"), self.cfg.model.name
-        prompt_tokens = sum(len(ids) for ids, _ in prepared)
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        echo, logprobs = bool(body.echo), body.logprobs
+        # with echo the text starts with the prompt's (as given, or decoded from its token ids)
+        prompt_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in given]
+        opening = {c.index: prompt_texts[c.index // body.choices_per_prompt] if echo else "" for c in choices}
+        scoring = dict(logprobs=logprobs, echo=echo and logprobs is not None)
         if body.stream:
             async def events() -> AsyncIterator[str]:
-                generated = 0
-                async for index, delta in self._merged(prepared):
-                    if delta.text or delta.finish_reason:
-                        choice = text_choice(index, delta.text, delta.finish_reason)
-                        yield _sse(completion_body(request_id, name, [choice], None, chunk=True))
+                generated, offsets = 0, dict.fromkeys(opening, 0)
+                async for index, delta in self._merged(choices, **scoring):
+                    text = opening.pop(index, "") + delta.text
+                    if text or delta.finish_reason or delta.logprobs:
+                        lp = None if logprobs is None else self._legacy_logprobs(delta, 0, offsets[index] + len(text) - len(delta.text))
+                        offsets[index] += len(text)
+                        yield _sse(completion_body(request_id, name, [text_choice(index, text, delta.finish_reason, lp)],
+                                                   None, chunk=True))
                     generated += delta.completion_tokens if delta.finish_reason else 0
                 if body.include_usage:
                     yield _sse(completion_body(request_id, name, [], usage(prompt_tokens, generated), chunk=True))
             return self._event_stream(events())
-        done = await asyncio.gather(*(self.engine.complete(ids, params) for ids, params in prepared))
-        choices = [text_choice(i, d.text, d.finish_reason) for i, d in enumerate(done)]
-        return completion_body(request_id, name, choices, usage(prompt_tokens, sum(d.completion_tokens for d in done)))
+        done = await asyncio.gather(*(self.engine.complete(c.ids, c.params, **scoring) for c in choices))
+        answers = []
+        for choice, delta in zip(choices, done):
+            head = opening[choice.index]
+            lp = None if logprobs is None else self._legacy_logprobs(delta, 0, len(head))
+            answers.append(text_choice(choice.index, head + delta.text, delta.finish_reason, lp))
+        return completion_body(request_id, name, answers, usage(prompt_tokens, sum(d.completion_tokens for d in done)))
 
     async def _chat_completion(self, body: ChatCompletionRequest) -> Response | dict:
-        prepared = self._prepare(body, render_chat(body.messages), "messages", TURN_STOPS)
+        prompt = prompt_ids(render_chat(body.messages), self.tokenizer, self.vocab_size, "messages", self.eos_id)
+        choices = prepare_choices(body, [prompt], self.engine, self.cfg, self.vocab_size, "messages", TURN_STOPS)
         request_id, name = new_id("chatcmpl"), self.cfg.model.name
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs", "invalid_value")
         if body.stream:
             async def events() -> AsyncIterator[str]:
-                opening = chat_delta({"role": "assistant", "content": ""}, None)
-                yield _sse(completion_body(request_id, name, [opening], None, chunk=True, chat=True))
+                for choice in choices:
+                    opening = chat_delta(choice.index, {"role": "assistant", "content": ""}, None)
+                    yield _sse(completion_body(request_id, name, [opening], None, chunk=True, chat=True))
                 generated = 0
-                async for _, delta in self._merged([prepared]):
-                    if delta.text:
-                        chunk = chat_delta({"content": delta.text}, None)
+                async for index, delta in self._merged(choices, logprobs=logprobs):
+                    lp = None if logprobs is None else chat_logprobs(delta.logprobs, self._token_text)
+                    if delta.text or delta.logprobs:
+                        chunk = chat_delta(index, {"content": delta.text}, None, lp)
                         yield _sse(completion_body(request_id, name, [chunk], None, chunk=True, chat=True))
                     if delta.finish_reason:
-                        closing = chat_delta({}, delta.finish_reason)
+                        closing = chat_delta(index, {}, delta.finish_reason)
                         yield _sse(completion_body(request_id, name, [closing], None, chunk=True, chat=True))
-                        generated = delta.completion_tokens
+                        generated += delta.completion_tokens
                 if body.include_usage:
-                    counts = usage(len(prepared[0]), generated)
+                    counts = usage(len(prompt), generated)
                     yield _sse(completion_body(request_id, name, [], counts, chunk=True, chat=True))
             return self._event_stream(events())
-        done = await self.engine.complete(*prepared)
-        return completion_body(request_id, name, [chat_choice(done.text, done.finish_reason)],
-                               usage(len(prepared[0]), done.completion_tokens), chat=True)
+        done = await asyncio.gather(*(self.engine.complete(c.ids, c.params, logprobs) for c in choices))
+        answers = [chat_choice(c.index, d.text, d.finish_reason,
+                               None if logprobs is None else chat_logprobs(d.logprobs, self._token_text))
+                   for c, d in zip(choices, done)]
+        return completion_body(request_id, name, answers, usage(len(prompt), sum(d.completion_tokens for d in done)),
+                               chat=True)
 
     def _event_stream(self, events: AsyncIterator[str]) -> StreamingResponse:
         async def with_end() -> AsyncIterator[str]:
@@ -218,20 +230,22 @@ class OpenAIServer:
 
         return StreamingResponse(with_end(), media_type="text/event-stream")
 
-    async def _merged(self, prepared: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Delta]]:
+    async def _merged(self, choices: list[Choice], logprobs: int | None = None,
+                      echo: bool = False) -> AsyncIterator[tuple[int, Delta]]:
         """Deltas of several engine streams as they come (at most one per ``http.stream_interval_s``
-        each), tagged with the prompt's index. Closing this iterator (a client that disconnected)
+        each), tagged with the choice's index. Closing this iterator (a client that disconnected)
         cancels every stream, freeing their slots."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
+        async def pump(choice: Choice) -> None:
             try:
-                async for delta in self.engine.stream(ids, params, self.cfg.http.stream_interval_s):
-                    queue.put_nowait((index, delta))
+                async for delta in self.engine.stream(choice.ids, choice.params, self.cfg.http.stream_interval_s,
+                                                      logprobs, echo):
+                    queue.put_nowait((choice.index, delta))
             except Exception as error:
-                queue.put_nowait((index, error))
+                queue.put_nowait((choice.index, error))
 
-        tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(prepared)]
+        tasks = [asyncio.create_task(pump(choice)) for choice in choices]
         finished = 0
         try:
             while finished < len(tasks):
@@ -279,11 +293,20 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 
 
 def run_app(cfg: ServeConfig) -> str:
-    """Start Serve's proxy on the config's host and port, deploy, wait until the replicas are up and
-    return the base URL. Serve keeps the host and port of its first start in a cluster, so the URL is
+    """Check that the model source exists (ModelSourceError otherwise, before anything starts), start
+    Serve's proxy on the config's host and port, deploy, wait until the replicas are up and return the
+    base URL; a deploy that fails removes its app. Serve keeps the host and port of its first start in a cluster, so the URL is
     read back from Serve (a cluster already serving elsewhere says where), not from the config."""
+    pinned = pinned_to_this_machine(cfg)
+    check_source(pinned.model.source, pinned.model.tracking_uri)  # a missing model fails here, not in replicas
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    try:
+        serve.run(build_app(pinned), name=cfg.app_name, route_prefix=cfg.http.route_prefix)
+    except BaseException:
+        # whatever failed the deploy, take the half-deployed app down: Serve's proxy would otherwise
+        # keep accepting its requests and never answer them
+        serve.delete(cfg.app_name)
+        raise
     http = serve.context._get_global_client().get_serve_details()["http_options"]
     if (http["host"], http["port"]) != (cfg.http.host, cfg.http.port):
         log.warning("Serve already listened on %s:%s in this cluster; http.host/port of the config are not applied",

@@ -28,5 +28,5 @@ TURN_STOPS = tuple(f"{TURN_SEPARATOR}{speaker}:" for speaker in SPEAKERS.values(
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
-    turns = [f"{SPEAKERS[m.role]}: {m.content.strip()}" for m in messages]
+    turns = [f"{SPEAKERS[m.role]}: {m.text.strip()}" for m in messages]
     return TURN_SEPARATOR.join([*turns, f"{SPEAKERS['assistant']}:"])

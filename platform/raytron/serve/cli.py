@@ -31,18 +31,24 @@ def run_serve(args: argparse.Namespace) -> int:
     # imported here: Ray and torch take seconds to import and other subcommands need neither
     from ray import serve
 
-    from raytron.serve.app import run_app
-    from raytron.serve.model_source import ModelSourceError
+    from raytron.serve.app import pinned_to_this_machine, run_app
+    from raytron.serve.model_source import ModelSourceError, check_source
     from raytron.serve.settings import load_serve_config
 
     cfg = load_serve_config(args.config, args.overrides)
+    pinned = pinned_to_this_machine(cfg)
+    try:  # before Ray starts: a missing model is one line in seconds
+        check_source(pinned.model.source, pinned.model.tracking_uri)
+    except ModelSourceError as error:
+        print(f"raytron serve: {error}", file=sys.stderr)
+        return 1
     deployment = cfg.deployment
     replicas = deployment.num_replicas or (deployment.autoscaling_config.max_replicas
                                            if deployment.autoscaling_config else 1)
     connect(replicas * deployment.ray_actor_options.num_cpus)
     try:
         url = run_app(cfg)
-    except ModelSourceError as error:
+    except (ModelSourceError, RuntimeError) as error:  # run_app has removed the app it tried to deploy
         print(f"raytron serve: {error}", file=sys.stderr)
         return 1
     key = ' -H "Authorization: Bearer $RAYTRON_API_KEY"' if cfg.http.api_key else ""

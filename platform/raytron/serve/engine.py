@@ -18,6 +18,11 @@ endless interval: its first text and its end.
 Each sequence samples with its own parameters and seeded generator and attends only to its
 own slot, so a seeded request produces the same text alone or in a full batch.
 
+A request may ask for log-probabilities (``serve/logprobs.py``): of each generated token and its
+top alternatives, and with ``echo`` of its prompt's tokens, scored in the prefill that also fills
+its cache (requests that echo prefill together, apart from those that do not, which keep the
+cheaper last-position logits). A request without sampling parameters only scores its prompt.
+
 The model runs in a one-thread executor: the event loop stays free to accept requests and
 stream tokens while a step computes.
 """
@@ -28,16 +33,17 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import torch
 
-from raytron.model.generation import SequenceState, decode_step, prefill
+from raytron.model.generation import Completion, SequenceState, decode_step, mask_padded_vocab, prefill
 from raytron.model.gpt import GPT
 from raytron.model.sampling import SamplingParams, choose_tokens
+from raytron.serve.logprobs import TokenLogprob, chosen_logprobs, log_softmax, prefill_scoring
 
 if TYPE_CHECKING:  # the engine itself runs without Ray (benchmarks, tests in one process)
     from raytron.serve.metrics import ServeMetrics
@@ -76,12 +82,29 @@ class Delta:
     """Tokens generated so far."""
     finish_reason: str | None = None
     """'stop' or 'length' on the last delta."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """Of the tokens generated since the previous delta (when asked for)."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """Of the prompt's tokens, on the first delta (with echo)."""
+
+
+SCORING_ONLY = SamplingParams(max_new_tokens=1, temperature=0)
+"""The state of a request that only scores its prompt: it reserves one token and generates none."""
 
 
 class _Request:
-    def __init__(self, prompt: list[int], params: SamplingParams, interval_s: float):
+    def __init__(self, prompt: list[int], params: SamplingParams | None, interval_s: float,
+                 logprobs: int | None = None, echo: bool = False):
         self.prompt = prompt
         self.interval_s = interval_s
+        self.scoring_only = params is None
+        self.top_logprobs = logprobs
+        """Top alternatives per generated token (0: the chosen token's only); None: no logprobs."""
+        self.echo = echo
+        self.token_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self.logprobs_sent = 0
+        params = SCORING_ONLY if params is None else params
         self.deliver_at = 0.0
         """perf_counter time from which new text is handed over (first text: at once)."""
         self.state = SequenceState(len(prompt), params)
@@ -105,7 +128,11 @@ class _Request:
         new = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent += new
         finish = state.done.finish_reason if state.done is not None else None
-        return Delta(new, len(state.tokens), finish)
+        logprobs = tuple(self.token_logprobs[self.logprobs_sent:])
+        self.logprobs_sent = len(self.token_logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        self.prompt_logprobs = None  # handed over once
+        return Delta(new, len(state.tokens), finish, logprobs, None if prompt_logprobs is None else tuple(prompt_logprobs))
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
@@ -118,11 +145,13 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 
 class Engine:
     def __init__(self, model: GPT, eos_id: int | None, decode: Callable[[list[int]], str], limits: EngineLimits,
-                 metrics: ServeMetrics | None = None):
+                 metrics: ServeMetrics | None = None, vocab_size: int | None = None):
         if limits.context > model.cfg.max_position_embeddings:
             raise ValueError(f"limits.context: {limits.context} exceeds the model's max_position_embeddings "
                              f"({model.cfg.max_position_embeddings})")
         self.model = model.eval()
+        self.vocab_size = min(vocab_size or model.cfg.vocab_size, model.cfg.vocab_size)
+        """The true vocabulary (the tokenizer's): log-probabilities are over these tokens only."""
         self.eos_id = eos_id
         self.decode = decode
         self.limits = limits
@@ -133,6 +162,11 @@ class Engine:
         self.running: list[_Request] = []
         self.steps = 0
         """Iterations run so far (tests and benchmarks read it)."""
+        self.batch_steps: Counter[int] = Counter()
+        """Steps run, by the number of sequences in them (prefilled + decoded): a record of how full
+        the batch was that outlives the moment, so a reader need not catch it mid-request."""
+        self.cancelled = 0
+        """Requests whose consumer left before they finished (their slots freed unfinished)."""
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="raytron-engine")
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -146,19 +180,23 @@ class Engine:
             raise RequestTooLarge(f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
                                   f"max_tokens_in_flight ({self.limits.max_tokens_in_flight})")
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | dict[int, int]]:
         return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free_slots),
-                "max_batch_size": self.limits.max_batch_size, "steps": self.steps}
+                "max_batch_size": self.limits.max_batch_size, "steps": self.steps,
+                "batch_steps": dict(sorted(self.batch_steps.items())), "cancelled": self.cancelled}
 
-    async def stream(self, prompt: list[int], params: SamplingParams, interval_s: float = 0.0) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: list[int], params: SamplingParams | None, interval_s: float = 0.0,
+                     logprobs: int | None = None, echo: bool = False) -> AsyncIterator[Delta]:
         """Queue a request and yield its deltas: each has new text, the last has a finish_reason (and
         maybe no text). After one, the next but the last comes no sooner than ``interval_s`` later (0:
-        every step's text once it is final). Closing the iterator early (or cancelling its consumer)
-        cancels the request."""
+        every step's text once it is final). ``logprobs``: top alternatives per generated token (0:
+        the chosen only; None: none); ``echo``: the prompt's log-probabilities in the first delta;
+        ``params`` None: only score the prompt. Closing the iterator early (or cancelling its
+        consumer) cancels the request."""
         if not prompt:
             raise ValueError("prompt: needs at least one token")
-        self.check(len(prompt), params.max_new_tokens)
-        request = _Request(prompt, params, interval_s)
+        request = _Request(prompt, params, interval_s, logprobs, echo)
+        self.check(len(prompt), request.state.params.max_new_tokens)
         self._start()
         self.waiting.append(request)
         self._wakeup.set()
@@ -174,12 +212,16 @@ class Engine:
             request.cancelled = True  # harmless once finished; otherwise the loop frees the slot
             self._wakeup.set()
 
-    async def complete(self, prompt: list[int], params: SamplingParams) -> Delta:
+    async def complete(self, prompt: list[int], params: SamplingParams | None, logprobs: int | None = None,
+                       echo: bool = False) -> Delta:
         """The whole completion as one delta."""
-        text = []
-        async for delta in self.stream(prompt, params, math.inf):
+        text, token_logprobs, prompt_logprobs = [], [], None
+        async for delta in self.stream(prompt, params, math.inf, logprobs, echo):
             text.append(delta.text)
-        return Delta("".join(text), delta.completion_tokens, delta.finish_reason)
+            token_logprobs += delta.logprobs
+            prompt_logprobs = delta.prompt_logprobs if prompt_logprobs is None else prompt_logprobs
+        return Delta("".join(text), delta.completion_tokens, delta.finish_reason, tuple(token_logprobs),
+                     prompt_logprobs)
 
     def close(self) -> None:
         if self._loop_task is not None:
@@ -208,11 +250,14 @@ class Engine:
                 self._fail(joining + decoding, EngineFailure(f"generation failed: {error}"))
                 continue
             self.steps += 1
+            self.batch_steps[len(joining) + len(decoding)] += 1
             self._publish(joining + decoding)
 
     def _drop_cancelled(self) -> None:
+        self.cancelled += sum(r.cancelled for r in self.waiting)
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         for request in [r for r in self.running if r.cancelled]:
+            self.cancelled += 1
             self._release(request)
 
     def _admit(self) -> list[_Request]:
@@ -229,9 +274,18 @@ class Engine:
     @torch.no_grad()
     def _step(self, joining: list[_Request], decoding: list[_Request]) -> None:
         """Runs in the executor thread; touches only the model, the cache and these requests' states."""
-        if joining:
-            slots = torch.tensor([r.slot for r in joining], device=self.cache.keys.device)  # (J,)
-            self._sample(joining, prefill(self.model, [r.prompt for r in joining], self.cache, slots))
+        echoing = [r for r in joining if r.echo]
+        if echoing:
+            slots = torch.tensor([r.slot for r in echoing], device=self.cache.keys.device)  # (E,)
+            logits, scored = prefill_scoring(self.model, [r.prompt for r in echoing], self.cache, slots,
+                                             self.vocab_size, [r.top_logprobs or 0 for r in echoing])
+            for request, entries in zip(echoing, scored):
+                request.prompt_logprobs = entries
+            self._sample(echoing, logits)
+        plain = [r for r in joining if not r.echo]
+        if plain:
+            slots = torch.tensor([r.slot for r in plain], device=self.cache.keys.device)  # (J,)
+            self._sample(plain, prefill(self.model, [r.prompt for r in plain], self.cache, slots))
         if decoding:
             slots = torch.tensor([r.slot for r in decoding], device=self.cache.keys.device)  # (D,)
             # the newest token sits at position - 1: its keys/values go into the cache now
@@ -240,10 +294,28 @@ class Engine:
             self._sample(decoding, logits)
 
     def _sample(self, requests: list[_Request], logits: torch.Tensor) -> None:
+        """logits (B, V') after each request's newest token -> each request's next token (and its
+        log-probabilities when asked for)."""
+        for request in [r for r in requests if r.scoring_only]:
+            request.state.done = Completion([], "length", "")
+        requests = [r for r in requests if not r.scoring_only]
+        if not requests:
+            return
+        logits = mask_padded_vocab(logits, self.vocab_size)  # tokens the tokenizer lacks are never chosen
         states = [r.state for r in requests]
-        chosen = choose_tokens(logits, [s.params for s in states], [s.generator for s in states]).tolist()
-        for state, token in zip(states, chosen):
-            state.accept(token, self.eos_id, self.decode)
+        chosen = choose_tokens(logits, [s.params for s in states], [s.generator for s in states],
+                               [(r.prompt, r.state.tokens) for r in requests], self.eos_id).tolist()
+        wanted = [row for row, r in enumerate(requests) if r.top_logprobs is not None]
+        entries = dict(zip(wanted, chosen_logprobs(
+            log_softmax(logits[wanted].cpu(), self.vocab_size), [chosen[row] for row in wanted],
+            [requests[row].top_logprobs for row in wanted]))) if wanted else {}
+        for row, (request, token) in enumerate(zip(requests, chosen)):
+            state = request.state
+            # an end token (EOS unless ignored, or a stop token id) finishes the sequence as EOS does
+            ends = token in state.params.end_ids(self.eos_id)
+            state.accept(token, token if ends else None, self.decode)
+            if row in entries and not ends:
+                request.token_logprobs.append(entries[row])
 
     def _publish(self, stepped: list[_Request]) -> None:
         now = time.perf_counter()
@@ -251,13 +323,14 @@ class Engine:
         for request in stepped:
             if request.cancelled:
                 continue
-            (first_token if request.last_token_at is None else inter_token).append(
-                now - (request.last_token_at or request.submitted))
+            if not request.scoring_only:  # a scored prompt generated no token
+                (first_token if request.last_token_at is None else inter_token).append(
+                    now - (request.last_token_at or request.submitted))
             request.last_token_at = now
             if request.state.done is None and now < request.deliver_at:
                 continue
             delta = request.next_delta()
-            if delta.text or delta.finish_reason is not None:
+            if delta.text or delta.finish_reason is not None or delta.logprobs or delta.prompt_logprobs:
                 request.deltas.put_nowait(delta)
                 request.deliver_at = now + request.interval_s
             if delta.finish_reason is not None:

@@ -38,6 +38,34 @@ class LoadedModel:
     """Where it was read from: the local folder (after any download)."""
 
 
+def check_source(source: str, tracking_uri: str | None = None) -> None:
+    """Fail fast, in the driver, before any replica starts: ModelSourceError (one line naming
+    ``model.source``, and the registry URI for models:/) when ``source`` names no registered model,
+    alias or version, or no folder holding a model and its tokenizer."""
+    if source.startswith(MODEL_URI_PREFIX):
+        from mlflow.exceptions import MlflowException
+
+        from raytron.tracking.mlflow_run import find_model_version, resolve_tracking_uri
+
+        tracking = TrackingConfig(tracking_uri=tracking_uri)
+        try:
+            find_model_version(source, tracking)
+        except (MlflowException, ValueError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelSourceError(f"model.source: {source!r} is not in the registry at "
+                                   f"{resolve_tracking_uri(tracking)}: {reason}") from None
+        return
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ModelSourceError(f"model.source: {source!r} is no folder (and not models:/NAME/VERSION or "
+                               "models:/NAME@ALIAS)")
+    if not ((folder / "meta.json").is_file() or (folder / "config.json").is_file()):
+        raise ModelSourceError(f"model.source: {source!r} is neither a training checkpoint folder (meta.json) nor "
+                               "an exported folder (config.json)")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise ModelSourceError(f"model.source: {source!r} has no {TOKENIZER_FILE} beside the weights")
+
+
 def load_model(source: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
     """Resolve ``source`` (see the module docstring) to the model on ``device`` and its tokenizer."""
     if source.startswith(MODEL_URI_PREFIX):

@@ -344,6 +344,12 @@ def download_model_folder(model_uri: str, dst: str | Path | None = None,
     return Path(local) / artifacts[HF_ARTIFACT_KEY]["path"]
 
 
+def find_model_version(model_uri: str, tracking_cfg: TrackingConfig | None = None) -> ModelVersion:
+    """The registered version ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` names, without
+    downloading it (MlflowException when the registry holds no such model, alias or version)."""
+    return _model_version(MlflowClient(resolve_tracking_uri(tracking_cfg)), model_uri)
+
+
 def _model_version(client: MlflowClient, model_uri: str) -> ModelVersion:
     prefix = "models:/"
     reference = model_uri[len(prefix):] if model_uri.startswith(prefix) else ""

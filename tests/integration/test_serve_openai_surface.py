@@ -1,0 +1,185 @@
+"""The OpenAI request surface and log-probabilities through the official `openai` client (and raw
+HTTP where the client cannot say it): max_completion_tokens, n with derived seeds, logprobs and echo,
+chat logprobs, token-id prompts, text-part content, explicit nulls, and refusals by name."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from raytron.model.sampling import SamplingParams
+from raytron.serve.chat_template import TURN_STOPS, render_chat
+from raytron.serve.protocol import ChatMessage
+from tests.integration.test_serve_api import (  # noqa: F401 (fixtures)
+    API_KEY, BATCH, MODEL_NAME, TEXTS, client, coalescing, fill_every_slot, health, local, post, reference, served,
+    settled, wait_for)
+
+
+@torch.no_grad()
+def direct_logprobs(local, ids: list[int]) -> torch.Tensor:
+    """The model's log-softmax over the tokenizer's vocabulary after every position, (T, V)."""
+    logits = local.model(torch.tensor([ids]))[0]  # (T, V')
+    return torch.log_softmax(logits[:, :local.tokenizer.get_vocab_size()].float(), -1)
+
+
+def test_max_completion_tokens_bounds_a_chat_completion(client, local):
+    messages = [{"role": "user", "content": TEXTS[0]}]
+    response = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=5,
+                                              temperature=0, extra_body={"ignore_eos": True})
+    prompt = render_chat([ChatMessage(**m) for m in messages])
+    expected = reference(local, prompt, SamplingParams(max_new_tokens=5, temperature=0, stop=TURN_STOPS))
+    assert response.choices[0].message.content == expected
+    assert response.usage.completion_tokens <= 5
+
+
+def test_n_choices_equal_single_requests_seeded_seed_plus_index(client):
+    kwargs = dict(model=MODEL_NAME, prompt=TEXTS[1], max_tokens=12, temperature=1.0)
+    response = client.completions.create(**kwargs, n=3, seed=40)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    singles = [client.completions.create(**kwargs, seed=40 + j).choices[0].text for j in range(3)]
+    assert texts == singles and len(set(texts)) > 1
+    streamed = {}
+    for chunk in client.completions.create(**kwargs, n=3, seed=40, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[j] for j in range(3)] == texts
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": TEXTS[2]}],
+                                          max_tokens=6, n=2, seed=7)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert [c.message.content for c in chat.choices] == [client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": TEXTS[2]}], max_tokens=6, seed=7 + j
+    ).choices[0].message.content for j in range(2)]
+
+
+def test_logprobs_and_echo_give_the_models_log_softmax(client, local):
+    ids = local.tokenizer.encode(TEXTS[0]).ids
+    response = client.completions.create(model=MODEL_NAME, prompt=TEXTS[0], max_tokens=4, temperature=0.8, seed=2,
+                                         logprobs=3, echo=True)
+    (choice,) = response.choices
+    lp = choice.logprobs
+    generated = response.usage.completion_tokens
+    assert choice.text.startswith(TEXTS[0]) and len(lp.tokens) == len(ids) + generated
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(TEXTS[0])
+    generated_ids = local.tokenizer.encode(choice.text[len(TEXTS[0]):]).ids
+    expected = direct_logprobs(local, ids + generated_ids[:generated])
+    # prompt token t is scored by the logits after t - 1; a generated one likewise
+    for t in range(1, len(ids)):
+        assert abs(lp.token_logprobs[t] - expected[t - 1, ids[t]].item()) < 1e-4
+        assert len(lp.top_logprobs[t]) <= 3 and max(lp.top_logprobs[t].values()) == pytest.approx(
+            expected[t - 1].max().item(), abs=1e-4)
+    scored = client.completions.create(model=MODEL_NAME, prompt=TEXTS[0], max_tokens=0, logprobs=0, echo=True)
+    assert scored.choices[0].text == TEXTS[0] and scored.usage.completion_tokens == 0
+    total = sum(scored.choices[0].logprobs.token_logprobs[1:])
+    assert total == pytest.approx(sum(expected[t - 1, ids[t]].item() for t in range(1, len(ids))), abs=1e-4)
+
+
+def test_streamed_logprobs_add_up_to_the_plain_ones(client):
+    kwargs = dict(model=MODEL_NAME, prompt=TEXTS[3], max_tokens=10, temperature=0, logprobs=1)
+    plain = client.completions.create(**kwargs).choices[0].logprobs
+    tokens, values = [], []
+    for chunk in client.completions.create(**kwargs, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.tokens
+            values += chunk.choices[0].logprobs.token_logprobs
+    assert tokens == plain.tokens and values == pytest.approx(plain.token_logprobs, abs=1e-6)
+
+
+def test_chat_logprobs_with_top_logprobs(client):
+    response = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": TEXTS[1]}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens > 0
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == entry.top_logprobs[0].logprob  # greedy
+        assert bytes(entry.bytes).decode() == entry.token
+    assert "".join(entry.token for entry in content).startswith(response.choices[0].message.content[:1])
+
+
+def test_token_id_prompts_give_the_texts_of_their_string_forms(client, local):
+    ids = [local.tokenizer.encode(text).ids for text in TEXTS[:2]]
+    kwargs = dict(model=MODEL_NAME, max_tokens=8, temperature=0)
+    assert client.completions.create(**kwargs, prompt=ids[0]).choices[0].text == \
+        client.completions.create(**kwargs, prompt=TEXTS[0]).choices[0].text
+    as_ids = client.completions.create(**kwargs, prompt=ids)
+    as_text = client.completions.create(**kwargs, prompt=TEXTS[:2])
+    assert [c.text for c in as_ids.choices] == [c.text for c in as_text.choices]
+    assert as_ids.usage.prompt_tokens == sum(len(i) for i in ids)
+
+
+def test_text_part_content_equals_string_content(client):
+    kwargs = dict(model=MODEL_NAME, max_tokens=8, temperature=0)
+    parts = [{"type": "text", "text": TEXTS[2][:10]}, {"type": "text", "text": TEXTS[2][10:]}]
+    as_parts = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": parts}])
+    as_text = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": TEXTS[2]}])
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+
+
+def test_explicit_nulls_mean_the_defaults(served):
+    url = served[0]
+    base = {"model": MODEL_NAME, "prompt": TEXTS[0], "seed": 3, "max_tokens": 6}
+    nulls = {name: None for name in ("temperature", "top_p", "top_k", "n", "stream", "stop", "stream_options",
+                                     "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "echo",
+                                     "user", "suffix", "best_of", "min_tokens", "repetition_penalty",
+                                     "stop_token_ids", "ignore_eos")}
+    with_nulls = post(f"{url}/v1/completions", {**base, **nulls})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"][0]["text"] == post(f"{url}/v1/completions", base).json()["choices"][0]["text"]
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "tools": None,
+            "tool_choice": None, "response_format": None, "max_completion_tokens": None, "top_logprobs": None}
+    assert post(f"{url}/v1/chat/completions", chat).status_code == 200
+
+
+@pytest.mark.parametrize("route,body,param,code", [
+    ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ("completions", {"suffix": "!"}, "suffix", "unsupported_parameter"),
+    ("completions", {"best_of": 2}, "best_of", "unsupported_parameter"),
+    ("completions", {"frobnicate": 1}, "frobnicate", "unknown_parameter"),
+    ("completions", {"logit_bias": {"999999": 1}}, "logit_bias", "invalid_value"),
+    ("completions", {"stop_token_ids": [-1]}, "stop_token_ids", "invalid_value"),
+    ("completions", {"prompt": [[1, 2], []]}, "prompt.1", "invalid_value"),
+    ("completions", {"max_tokens": 0}, "max_tokens", "invalid_value"),
+])
+def test_unsupported_and_unknown_parameters_are_refused_by_name(served, route, body, param, code):
+    base = ({"messages": [{"role": "user", "content": "hi"}]} if route.startswith("chat") else {"prompt": "hi"})
+    reply = post(f"{served[0]}/v1/{route}", {"model": MODEL_NAME, **base, **body})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert reply.json()["error"]["code"] == code
+    assert health(served[0])["status"] == "ok"
+
+
+def test_penalties_and_stop_token_ids_act_through_the_server(client, local):
+    kwargs = dict(model=MODEL_NAME, prompt=TEXTS[0], max_tokens=12, temperature=0, logprobs=0)
+    plain = client.completions.create(**kwargs).choices[0]
+    first = local.tokenizer.token_to_id(plain.logprobs.tokens[0]) if plain.logprobs.tokens else None
+    banned = client.completions.create(**kwargs, logit_bias={str(first): -100}).choices[0]
+    assert banned.logprobs.tokens[0] != plain.logprobs.tokens[0]
+    stopped = client.completions.create(**kwargs, extra_body={"stop_token_ids": [first]}).choices[0]
+    assert stopped.text == "" and stopped.finish_reason == "stop"
+    at_least = client.completions.create(**kwargs, extra_body={"stop_token_ids": [first], "min_tokens": 3}).choices[0]
+    assert len(at_least.logprobs.tokens) >= 3
+
+
+def test_seeded_batch_invariance_with_n_and_logprobs_under_16_concurrent_requests(coalescing):
+    url = coalescing
+    bodies = [{"model": MODEL_NAME, "prompt": TEXTS[i % 4], "max_tokens": 6 + i % 5, "temperature": 1.0,
+               "seed": 500 + i, "n": 2, "logprobs": 1} for i in range(16)]
+
+    def outcome(reply) -> list:
+        assert reply.status_code == 200, reply.text
+        return [(c["text"], c["logprobs"]["tokens"]) for c in sorted(reply.json()["choices"], key=lambda c: c["index"])]
+
+    alone = [outcome(post(f"{url}/v1/completions", body)) for body in bodies]
+    blockers = fill_every_slot(url)  # the 32 choices queue together behind a full batch, then run batched
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = [pool.submit(post, f"{url}/v1/completions", body) for body in bodies]
+        wait_for(lambda: health(url)["waiting"] == 2 * len(bodies), "the 32 choices queue behind the full batch")
+        for blocker in blockers:
+            blocker.close()
+        together = [outcome(reply.result()) for reply in replies]
+    assert together == alone
+    wait_for(lambda: settled(url), "every slot is free again")

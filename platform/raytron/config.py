@@ -78,6 +78,8 @@ class ModelConfig(Section):
     """Output projection shares the token embedding; default: tied for gpt, untied for llama."""
     rope_scaling: RopeScaling | None = None
     """RoPE frequency scaling for longer contexts (llama only); none by default."""
+    hf_architecture: Literal["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"] | None = None
+    """Hugging Face class export writes (init_from sets it); default GPT2LMHeadModel (gpt), LlamaForCausalLM or Qwen2ForCausalLM (llama with qkv_bias)."""
     init_from: str | None = None
     """Start from these weights: a Hugging Face folder (config.json + safetensors) or a raytron checkpoint; model.* come from its config."""
 

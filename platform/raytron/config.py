@@ -395,14 +395,20 @@ def read_yaml_mapping(path: str | Path, kind: str = "config", overrides: list[st
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
-    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+def read_run_mapping(path: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a YAML run file (or defaults when ``path`` is None) with ``--set`` overrides,
+    and how errors should name it."""
     if path is None:
         raw: dict[str, Any] = {}
         for assignment in overrides:
             apply_override(raw, assignment)
-        return build_config(raw, "<defaults>")
-    return build_config(read_yaml_mapping(path, "config", overrides), str(path))
+        return raw, "<defaults>"
+    return read_yaml_mapping(path, "config", overrides), str(path)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
+    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    return build_config(*read_run_mapping(path, overrides))
 
 
 def schema_rows(section: type[BaseModel] = RaytronConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -73,8 +73,7 @@ def check_init_from(cfg: RaytronConfig) -> None:
         raise ConfigError(f"model.init_from: {error}") from None
 
 
-def load_init_from(model: torch.nn.Module, named_parameters, cfg: RaytronConfig, layers: LayerFactory,
-                   tp_rank: int) -> LoadStats:
+def load_init_from(named_parameters, cfg: RaytronConfig, layers: LayerFactory, tp_rank: int) -> LoadStats:
     """Overwrite this rank's parameters (serial GPT names) with their part of init_from's weights."""
     return load_hf_weights(named_parameters, cfg.model, cfg.model.init_from, layers.full_shape, tp_rank,
                            layers.tp_size)

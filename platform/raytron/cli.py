@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from raytron.config import ConfigError, RaytronConfig, load_config, schema_rows
+from raytron.config import ConfigError, RaytronConfig, build_config, read_run_mapping, schema_rows
 from raytron.data.cli import add_prepare, add_tokenizer
 from raytron.serve.cli import add_serve
 
@@ -23,6 +23,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="run YAML (default: built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one field, value parsed as YAML; repeatable")
+
+
+def load_run_config(args: argparse.Namespace) -> RaytronConfig:
+    """The run config of ``add_config_arguments``; with model.init_from its model.* come from there."""
+    raw, source = read_run_mapping(args.config, args.overrides)
+    if (raw.get("model") or {}).get("init_from"):
+        from raytron.parallel.hf_import import resolve_init_from  # imports torch: only when importing a model
+
+        return resolve_init_from(raw, source)
+    return build_config(raw, source)
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -41,7 +51,7 @@ def run_config(args: argparse.Namespace) -> None:
     if args.schema:
         print_table([("FIELD", "TYPE", "DEFAULT", "DOC"), *schema_rows()])
         return
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     # Derived values go out as YAML comments so the output still loads as a config.
     print("# derived (not settable):")
@@ -62,7 +72,7 @@ def run_info(args: argparse.Namespace) -> None:
     from raytron.model.gpt import count_parameters
     from raytron.model.memory import memory_per_rank_bytes
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args)
     memory, breakdown = memory_per_rank_bytes(cfg)
     info = {"parameters": count_parameters(cfg.model, cfg.parallel.tp), "flops_per_token": flops_per_token(cfg),
             "memory_per_rank_bytes": memory, "memory_breakdown": breakdown, **derived_values(cfg)}
@@ -82,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
     from raytron.train.ray_trainer import TrainingStopped
     from raytron.train.run import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args)
     try:
         result = run_training(cfg, resume=args.resume)
     except (ResourceError, StorageError, TrainingStopped) as error:

@@ -28,6 +28,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
+class RopeScaling(Section):
+    """Hugging Face's rope_scaling / rope_parameters: stretch RoPE's wavelengths for longer contexts."""
+
+    type: Literal["linear", "llama3"]
+    """'linear' divides every frequency by factor; 'llama3' only the long wavelengths, smoothly (Llama 3.1)."""
+    factor: float = Field(gt=0.0)
+    """How much longer the context becomes."""
+    low_freq_factor: float = Field(1.0, gt=0.0)
+    """llama3: wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled."""
+    high_freq_factor: float = Field(4.0, gt=0.0)
+    """llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: PositiveInt = 8192
+    """llama3: the context the model was pretrained with."""
+
+
 class ModelConfig(Section):
     flavour: Literal["gpt", "llama"] = "gpt"
     """Architecture: 'gpt' (MT-NLG/GPT-3: learned positions, LayerNorm, GELU, biases, tied head) or 'llama' (RoPE, RMSNorm, SwiGLU, no biases, untied head)."""
@@ -53,6 +68,20 @@ class ModelConfig(Section):
     """Std of the normal init; output projections use init_std / sqrt(2 x num_layers)."""
     rope_theta: float = Field(10000.0, gt=0.0)
     """RoPE base frequency (llama only)."""
+    num_kv_heads: PositiveInt | None = None
+    """Key/value heads (grouped-query attention); default num_heads. Must divide num_heads; parallel.tp must divide it."""
+    head_size: PositiveInt | None = None
+    """Width of one attention head (Hugging Face's head_dim); default hidden_size / num_heads."""
+    qkv_bias: bool = False
+    """Biases on the q, k, v projections only (Qwen2; llama only: gpt has every bias)."""
+    tie_embeddings: bool | None = None
+    """Output projection shares the token embedding; default: tied for gpt, untied for llama."""
+    rope_scaling: RopeScaling | None = None
+    """RoPE frequency scaling for longer contexts (llama only); none by default."""
+    hf_architecture: Literal["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"] | None = None
+    """Hugging Face class export writes (init_from sets it); default GPT2LMHeadModel (gpt), LlamaForCausalLM or Qwen2ForCausalLM (llama with qkv_bias)."""
+    init_from: str | None = None
+    """Start from these weights: a Hugging Face folder (config.json + safetensors) or a raytron checkpoint; model.* come from its config."""
 
     @property
     def ffn_size(self) -> int:
@@ -64,7 +93,20 @@ class ModelConfig(Section):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Rows of q, k and v in the fused qkv projection (GQA: k and v are smaller)."""
+        return self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt" if self.tie_embeddings is None else self.tie_embeddings
 
     def padded_vocab(self, tp: int) -> int:
         """Vocab rounded up so each TP shard is a multiple of 128 rows (Megatron's rule)."""
@@ -262,16 +304,22 @@ def _cross_field_problems(cfg: RaytronConfig) -> list[str]:
     """Combinations that are each valid alone but cannot run together."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     problems = []
-    if m.hidden_size % m.num_heads:
+    if m.head_size is None and m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size: {m.hidden_size} must be divisible by model.num_heads ({m.num_heads})")
     if m.num_heads % p.tp:
         problems.append(f"model.num_heads: {m.num_heads} must be divisible by parallel.tp ({p.tp})")
+    if m.num_heads % m.kv_heads:
+        problems.append(f"model.num_kv_heads: {m.kv_heads} must divide model.num_heads ({m.num_heads})")
+    elif m.kv_heads % p.tp:
+        problems.append(f"model.num_kv_heads: {m.kv_heads} must be divisible by parallel.tp ({p.tp})")
+    if m.flavour == "gpt" and (m.qkv_bias or m.rope_scaling is not None):
+        problems.append("model.qkv_bias / model.rope_scaling: llama only (gpt has every bias and no RoPE)")
     if m.ffn_size % p.tp:
         problems.append(f"model.ffn_hidden_size: {m.ffn_size} must be divisible by parallel.tp ({p.tp})")
     if m.num_layers % p.pp:
         problems.append(f"model.num_layers: {m.num_layers} must be divisible by parallel.pp ({p.pp})")
     if m.flavour == "llama" and m.head_dim % 2:
-        problems.append(f"model.hidden_size: head dim {m.head_dim} must be even for RoPE (flavour llama)")
+        problems.append(f"model.head_size: head dim {m.head_dim} must be even for RoPE (flavour llama)")
     if t.seq_len > m.max_position_embeddings:
         problems.append(
             f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings ({m.max_position_embeddings})"
@@ -360,14 +408,20 @@ def read_yaml_mapping(path: str | Path, kind: str = "config", overrides: list[st
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
-    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+def read_run_mapping(path: str | Path | None = None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a YAML run file (or defaults when ``path`` is None) with ``--set`` overrides,
+    and how errors should name it."""
     if path is None:
         raw: dict[str, Any] = {}
         for assignment in overrides:
             apply_override(raw, assignment)
-        return build_config(raw, "<defaults>")
-    return build_config(read_yaml_mapping(path, "config", overrides), str(path))
+        return raw, "<defaults>"
+    return read_yaml_mapping(path, "config", overrides), str(path)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RaytronConfig:
+    """Load a YAML run file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    return build_config(*read_run_mapping(path, overrides))
 
 
 def schema_rows(section: type[BaseModel] = RaytronConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:

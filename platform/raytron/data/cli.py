@@ -20,7 +20,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     from raytron.storage import StorageError
     from raytron.train.cluster import connect
 
-    cfg = _root().load_config(args.config, args.overrides)
+    cfg = _root().load_run_config(args)
     connect(cfg)
     try:
         result = prepare(cfg)
@@ -46,7 +46,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     from raytron.data.tokenizer_source import train_on_sample
     from raytron.storage import StorageError, write_bytes
 
-    cfg = _root().load_config(args.config, args.overrides)
+    cfg = _root().load_run_config(args)
     try:
         spec = train_on_sample(cfg, list_sources(cfg))
         write_bytes(args.out, spec.json.encode(), cfg.data.endpoint_url, cfg.data.region)

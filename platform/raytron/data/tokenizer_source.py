@@ -38,12 +38,13 @@ def spec_of(tokenizer_json: str) -> TokenizerSpec:
 
 
 def load_configured(cfg: RaytronConfig) -> TokenizerSpec:
-    """The tokenizer named by data.tokenizer; its size must equal model.vocab_size."""
+    """The tokenizer named by data.tokenizer; it may be smaller than model.vocab_size (embedding rows
+    without a token are never input), never larger."""
     data = cfg.data
     spec = spec_of(read_bytes(data.tokenizer, data.endpoint_url, data.region).decode("utf-8"))
-    if spec.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer: {data.tokenizer} has {spec.vocab_size} tokens but model.vocab_size "
-                          f"is {cfg.model.vocab_size}; make them agree")
+    if spec.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer: {data.tokenizer} has {spec.vocab_size} tokens, more than the embedding's "
+                          f"model.vocab_size ({cfg.model.vocab_size}); make them agree")
     return spec
 
 

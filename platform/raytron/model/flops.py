@@ -49,8 +49,9 @@ def mlp_matmuls(model: ModelConfig) -> int:
 def block_forward_flops(model: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs per token of one transformer block."""
     h, f = model.hidden_size, model.ffn_size
-    projections = 2 * (3 * h * h + h * h)  # qkv + output projection
-    attention = 2 * 2 * seq_len * h  # q.k^T and probs.v, full (non-causal) sequence
+    q, k, v = model.qkv_sizes  # each h x h without GQA or an own head size
+    projections = 2 * (h * (q + k + v) + q * h)  # qkv + output projection
+    attention = 2 * 2 * seq_len * q  # q.k^T and probs.v, full (non-causal) sequence
     mlp = 2 * h * f * mlp_matmuls(model)
     return projections + attention + mlp
 

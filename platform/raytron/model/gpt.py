@@ -1,7 +1,9 @@
 """GPT decoder in two flavours, built from a LayerFactory.
 
 ``gpt``: MT-NLG / GPT-3 — learned absolute positions, pre-LayerNorm, GELU MLP, biases,
-tied input/output embedding. ``llama``: RoPE, RMSNorm, SwiGLU, no biases, untied head.
+tied input/output embedding. ``llama``: RoPE (optionally scaled), RMSNorm, SwiGLU, no biases
+(or q/k/v biases, as Qwen2), untied head. Either can tie or untie its head; attention may
+group query heads over fewer key/value heads (GQA) and have a head width of its own.
 
 The model is split into ``Embedding``, ``Block`` and ``Head`` so pipeline stages can be
 cut between blocks. With ``SerialLayers`` it is plain PyTorch; with tensor-parallel layers
@@ -44,38 +46,48 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads: ``num_kv_heads`` key/value heads, each
+    shared by num_heads / num_kv_heads query heads. The fused qkv is split by sizes (q, k, v)."""
+
     def __init__(self, cfg: ModelConfig, layers: LayerFactory, layer_index: int):
         super().__init__()
         self.local_heads = cfg.num_heads // layers.tp_size
+        self.local_kv_heads = cfg.kv_heads // layers.tp_size
         self.head_dim = cfg.head_dim
         self.layer_index = layer_index
         self.use_rope = cfg.flavour == "llama"
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         self.dropout = cfg.attention_dropout
         self.sharded_rng = layers.sharded_rng
         bias = cfg.flavour == "gpt"
-        self.qkv = layers.column(cfg.hidden_size, 3 * cfg.hidden_size, bias=bias, parts=3)
-        self.proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        sizes = cfg.qkv_sizes
+        self.qkv = layers.column(cfg.hidden_size, sum(sizes), bias=bias or cfg.qkv_bias, parts=sizes)
+        self.proj = layers.row(sizes[0], cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 slots: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.local_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, T, hd)
+        q_size, kv_size = self.local_heads * self.head_dim, self.local_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)  # (B, T, q/tp), (B, T, kv/tp) x2
+        q = q.view(batch, length, self.local_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(batch, length, self.local_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(batch, length, self.local_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if self.use_rope:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)  # (B, T, hd)
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype, self.rope_scaling)  # (B, T, hd)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
+        grouped = self.local_kv_heads != self.local_heads
         with self.sharded_rng():
             if cache is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=grouped)
             else:
                 span = int(positions.max()) + 1
-                k, v = cache.update(self.layer_index, slots, positions, k, v, span)  # (B, nh, S, hd)
+                k, v = cache.update(self.layer_index, slots, positions, k, v, span)  # (B, nkv, S, hd)
                 key_positions = torch.arange(span, device=x.device)
                 mask = key_positions[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, S)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim)  # (B, T, h/tp)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=grouped)
+        out = out.transpose(1, 2).reshape(batch, length, q_size)  # (B, T, nh*hd/tp)
         return self.proj(out)
 
 
@@ -119,7 +131,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.layers = layers
-        self.output = None if cfg.flavour == "gpt" else layers.column(cfg.hidden_size, padded_vocab, bias=False)
+        self.output = None if cfg.tied else layers.column(cfg.hidden_size, padded_vocab, bias=False)
 
     def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(x)
@@ -168,8 +180,9 @@ class GPT(nn.Module):
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         weight = self.embed.tokens.weight
-        local_heads = self.cfg.num_heads // self.layers.tp_size
-        return KVCache(self.cfg.num_layers, slots, local_heads, max_len, self.cfg.head_dim, weight.dtype, weight.device)
+        local_kv_heads = self.cfg.kv_heads // self.layers.tp_size
+        return KVCache(self.cfg.num_layers, slots, local_kv_heads, max_len, self.cfg.head_dim, weight.dtype,
+                       weight.device)
 
     def reset_parameters(self, seed: int) -> None:
         initialize_parameters(self.named_parameters(), self.cfg, seed, self.layers)

@@ -22,9 +22,11 @@ class LayerFactory(Protocol):
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         """Token embedding: ids (B, T) -> (B, T, dim), replicated output."""
 
-    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
-        """Linear whose output features are split across ranks. ``parts`` equal segments of the
-        output (fused q|k|v, gate|up) are each split, so a rank holds its slice of every part."""
+    def column(self, in_features: int, out_features: int, *, bias: bool,
+               parts: int | tuple[int, ...] = 1) -> nn.Module:
+        """Linear whose output features are split across ranks. ``parts`` segments of the output
+        (fused gate|up: a count of equal ones; q|k|v: their sizes) are each split, so a rank holds
+        its slice of every part."""
 
     def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
         """Linear whose input features are split across ranks; output is full and replicated."""
@@ -56,7 +58,8 @@ class SerialLayers:
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
 
-    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
+    def column(self, in_features: int, out_features: int, *, bias: bool,
+               parts: int | tuple[int, ...] = 1) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:

@@ -1,8 +1,8 @@
 """Megatron-style tensor-parallel layers. Each allocates only its own shard.
 
-Sharded parameters carry ``tp_split = (dim, parts)``: the full tensor is ``parts`` equal
-segments along ``dim`` (q|k|v, gate|up), each cut into ``tp`` slices, and a rank holds its
-slice of every segment, concatenated. ``raytron.parallel.sharding`` uses it to move
+Sharded parameters carry ``tp_split = (dim, parts)``: the full tensor is ``parts`` segments
+along ``dim`` (gate|up: 2 equal ones; q|k|v: their sizes, k and v smaller under GQA), each cut
+into ``tp`` slices, and a rank holds its slice of every segment, concatenated. ``raytron.parallel.sharding`` uses it to move
 between full (TP=1) and sharded state dicts.
 """
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytron.parallel.mappings import copy_to_tp, reduce_from_tp
+from raytron.parallel.sharding import Parts, segment_sizes
 from raytron.parallel.topology import ParallelGroup
 
 
@@ -22,7 +23,7 @@ def _divide(total: int, ways: int, what: str) -> int:
     return total // ways
 
 
-def _sharded(shape: tuple[int, ...], dim: int, parts: int = 1) -> nn.Parameter:
+def _sharded(shape: tuple[int, ...], dim: int, parts: Parts = 1) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape))
     param.tp_split = (dim, parts)
     # DeepSpeed's grad-norm counts params without this flag once per TP group, not once per rank
@@ -33,10 +34,16 @@ def _sharded(shape: tuple[int, ...], dim: int, parts: int = 1) -> nn.Parameter:
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A's rows (output features) split: output stays sharded (B, T, out/tp)."""
 
-    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, bias: bool = True, parts: int = 1):
+    def __init__(self, in_features: int, out_features: int, group: ParallelGroup, bias: bool = True,
+                 parts: Parts = 1):
         super().__init__()
         self.group = group
-        local_out = _divide(out_features, group.size * parts, "column-parallel output features / parts") * parts
+        if not isinstance(parts, int):
+            parts = tuple(parts)
+            if sum(parts) != out_features:
+                raise ValueError(f"column-parallel part sizes {parts} do not add up to {out_features} output features")
+        local_out = sum(_divide(size, group.size, "column-parallel output features of each part")
+                        for size in segment_sizes(parts, out_features))
         self.weight = _sharded((local_out, in_features), 0, parts)
         self.bias = _sharded((local_out,), 0, parts) if bias else None
 

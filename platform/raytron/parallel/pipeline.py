@@ -1,9 +1,9 @@
 """The GPT as a DeepSpeed ``PipelineModule``: one ``LayerSpec`` per block, 1F1B over micro-batches.
 
 Stages, in order:  tokens | positions+dropout | block x L | final norm | logits
-For the tied ``gpt`` flavour the first and last entries are one ``TiedLayerSpec`` (the
-token embedding, used as the output projection on the last stage); ``llama`` has its own
-output layer. Parameter names are translated to the serial GPT's so checkpoints, init and
+For a tied head (the ``gpt`` default) the first and last entries are one ``TiedLayerSpec``
+(the token embedding, used as the output projection on the last stage); an untied one
+(the ``llama`` default) has its own output layer. Parameter names are translated to the serial GPT's so checkpoints, init and
 export speak one naming.
 """
 
@@ -80,7 +80,7 @@ class OutputStage(nn.Module):
 
 def layer_specs(cfg: ModelConfig, layers: LayerFactory, padded_vocab: int) -> list[LayerSpec]:
     tokens = (TokenStage, layers, padded_vocab, cfg.hidden_size)
-    tied = cfg.flavour == "gpt"
+    tied = cfg.tied
     specs = [TiedLayerSpec(TIED_KEY, *tokens, tied_weight_attr="tokens.weight") if tied else LayerSpec(*tokens),
              LayerSpec(PositionStage, cfg)]
     specs += [LayerSpec(BlockStage, cfg, layers, i) for i in range(cfg.num_layers)]

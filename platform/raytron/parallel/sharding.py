@@ -13,18 +13,29 @@ from torch import nn
 from raytron.parallel.topology import ParallelGroup
 
 
-def shard_of(full: torch.Tensor, tp_split: tuple[int, int], rank: int, size: int) -> torch.Tensor:
+Parts = int | tuple[int, ...] | list[int]
+"""Segments of a fused tensor along its split dim: a count of equal ones, or their full sizes (GQA q|k|v)."""
+
+
+def segment_sizes(parts: Parts, total: int) -> list[int]:
+    """Full sizes of the segments of a tensor ``total`` long along its split dim."""
+    return [total // parts] * parts if isinstance(parts, int) else list(parts)
+
+
+def shard_of(full: torch.Tensor, tp_split: tuple[int, Parts], rank: int, size: int) -> torch.Tensor:
     """This rank's slice of a full tensor: its slice of each of the ``parts`` segments along ``dim``."""
     dim, parts = tp_split
-    segments = full.chunk(parts, dim=dim)
+    segments = full.split(segment_sizes(parts, full.shape[dim]), dim=dim)
     return torch.cat([segment.chunk(size, dim=dim)[rank] for segment in segments], dim=dim)
 
 
-def unshard(shards: list[torch.Tensor], tp_split: tuple[int, int]) -> torch.Tensor:
+def unshard(shards: list[torch.Tensor], tp_split: tuple[int, Parts]) -> torch.Tensor:
     """Inverse of ``shard_of`` given every rank's shard, in rank order."""
     dim, parts = tp_split
-    per_rank_segments = [shard.chunk(parts, dim=dim) for shard in shards]
-    return torch.cat([torch.cat([segs[p] for segs in per_rank_segments], dim=dim) for p in range(parts)], dim=dim)
+    local_sizes = [s // len(shards) for s in segment_sizes(parts, shards[0].shape[dim] * len(shards))]
+    per_rank_segments = [shard.split(local_sizes, dim=dim) for shard in shards]
+    return torch.cat([torch.cat([segs[p] for segs in per_rank_segments], dim=dim) for p in range(len(local_sizes))],
+                     dim=dim)
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ class TensorParallelLayers:
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.group)
 
-    def column(self, in_features: int, out_features: int, *, bias: bool, parts: int = 1) -> nn.Module:
+    def column(self, in_features: int, out_features: int, *, bias: bool,
+               parts: int | tuple[int, ...] = 1) -> nn.Module:
         return ColumnParallelLinear(in_features, out_features, self.group, bias=bias, parts=parts)
 
     def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:

@@ -18,6 +18,7 @@ from raytron.config import RaytronConfig
 from raytron.model.gpt import build_model
 from raytron.parallel.deepspeed_config import deepspeed_config
 from raytron.parallel.deepspeed_mpu import TopologyMPU
+from raytron.parallel.hf_import import load_init_from
 from raytron.parallel.pipeline import build_pipeline, gpt_name
 from raytron.parallel.tensor_parallel import TensorParallelLayers
 from raytron.parallel.topology import Topology
@@ -58,6 +59,10 @@ class TrainingEngine:
             module = build_model(cfg.model, train.seed, layers, cfg.padded_vocab_size)
             module.activation_checkpointing = train.activation_checkpointing
             mpu = TopologyMPU(topology)
+        if cfg.model.init_from:
+            named = (((gpt_name(name, cfg.model.num_layers), param) for name, param in module.named_parameters())
+                     if self.pipelined else module.named_parameters())
+            load_init_from(named, cfg, layers, topology.tp_index)
         _count_replicated_once(module, topology)
         optimizer = torch.optim.AdamW(_param_groups(module, train.weight_decay), lr=train.lr, betas=train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))

@@ -12,6 +12,7 @@ from raytron.data.prepare import identity, prepare
 from raytron.data.sources import list_sources
 from raytron.data.tokenizer_source import resolve_tokenizer
 from raytron.export.from_checkpoint import export_checkpoint
+from raytron.parallel.hf_import import check_init_from
 from raytron.storage import checkpoint_url, join_url, read_bytes
 from raytron.train.batches import BlockSource
 from raytron.train.checkpoint import TOKENIZER_FILE
@@ -36,9 +37,9 @@ def prepared_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
     """Prepare data.source (or reuse its prepared shards) and read the splits from the shards."""
     prepared = prepare(cfg, workdir)
     manifest, data = prepared.manifest, cfg.data
-    if manifest.vocab_size != cfg.model.vocab_size:
+    if manifest.vocab_size > cfg.model.vocab_size:  # a smaller tokenizer leaves rows unused, which is fine
         raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} but the tokenizer of {prepared.url} "
-                         f"has {manifest.vocab_size} tokens")
+                         f"has {manifest.vocab_size} tokens, more than the embedding has rows")
 
     evaluated = cfg.train.eval_every and cfg.data.validation_fraction
     for split in ("train", "validation") if evaluated else ("train",):
@@ -83,6 +84,7 @@ def training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
 
 
 def run_training(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".raytron") -> TrainingResult:
+    check_init_from(cfg)  # a bad model.init_from fails here, before Ray, data or workers
     connect(cfg)
     data = training_data(cfg, Path(workdir).absolute())
     name = resolve_run_name(cfg, cfg.train.storage_path, resume)

@@ -105,13 +105,41 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train on Ray (joins $RAY_ADDRESS or a running cluster, "
-                                                 "else starts a local one)")
+def add_resumable_run(subparsers: argparse._SubParsersAction, name: str, help: str, resume_help: str,
+                      run) -> None:
+    """A subcommand that takes a run YAML, its overrides and ``--resume`` (train, tune)."""
+    parser = subparsers.add_parser(name, help=help)
     add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue the newest run of this config's name "
-                                                              "from its latest checkpoint")
-    parser.set_defaults(run=run_train)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.set_defaults(run=run)
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    add_resumable_run(subparsers, "train", "train on Ray (joins $RAY_ADDRESS or a running cluster, else starts a "
+                      "local one)", "continue the newest run of this config's name from its latest checkpoint",
+                      run_train)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    # imported here: Ray Tune, DeepSpeed and MLflow take seconds to import
+    from raytron.tune.report import ranked_table, summary
+    from raytron.tune.sweep import EXPECTED_ERRORS, run_sweep
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = run_sweep(cfg, resume=args.resume)
+    except EXPECTED_ERRORS as error:
+        print(f"raytron tune: {error}", file=sys.stderr)
+        return 1
+    print_table(ranked_table(result, cfg.tune.metric))
+    print(json.dumps(summary(result, cfg.tune.metric), indent=2))
+    return 0
+
+
+def add_tune(subparsers: argparse._SubParsersAction) -> None:
+    add_resumable_run(subparsers, "tune", "sweep the config's tune.search_space with Ray Tune (same cluster rules "
+                      "as train)", "continue the sweep of this tune.name after its driver died: finished trials "
+                      "stay, the others resume from their checkpoints", run_tune)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -140,7 +168,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_export)
 
 
-SUBCOMMANDS = (add_config, add_info, add_train, add_export, add_serve, add_prepare, add_tokenizer)
+SUBCOMMANDS = (add_config, add_info, add_train, add_tune, add_export, add_serve, add_prepare, add_tokenizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

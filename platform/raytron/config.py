@@ -13,19 +13,12 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator
+
+from raytron.config_base import ConfigError, Section
+from raytron.tune_config import TuneConfig
 
 VOCAB_PAD_MULTIPLE = 128
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names every offending field."""
-
-
-class Section(BaseModel):
-    """Base for every config class: strict keys, field docstrings become descriptions."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 class RopeScaling(Section):
@@ -273,6 +266,8 @@ class RaytronConfig(Section):
     """MLflow."""
     deepspeed_overrides: dict[str, Any] = {}
     """Keys merged last into the derived DeepSpeed config (they win)."""
+    tune: TuneConfig = TuneConfig()
+    """Ray Tune sweep (`raytron tune`); ignored by `raytron train`."""
 
     @property
     def world_size(self) -> int:
@@ -352,8 +347,12 @@ def _format_validation_error(error: ValidationError) -> list[str]:
 
 def _allowed_keys(loc: tuple) -> str:
     section: type[BaseModel] = RaytronConfig
-    for part in loc[:-1]:
+    parts = iter(loc[:-1])
+    for part in parts:
         annotation = section.model_fields[part].annotation
+        if get_origin(annotation) is dict:  # a mapping of sections (tune.search_space): skip the mapping's key
+            annotation = get_args(annotation)[1]
+            next(parts, None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         section = annotation

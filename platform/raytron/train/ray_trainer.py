@@ -120,10 +120,12 @@ def latest_checkpoint_meta(storage: str, run_name: str) -> dict | None:
 
 def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: Dataset | BlockSource | None = None,
         resume: bool = False, tokenizer_json: str | None = None, mlflow_run_id: str | None = None,
-        run_name: str | None = None, data_manifest_hash: str | None = None) -> TrainingResult:
+        run_name: str | None = None, data_manifest_hash: str | None = None,
+        callbacks: list | None = None) -> TrainingResult:
     """Train on an already connected Ray cluster. Each split is a Ray Dataset of packed blocks (read whole by
     every DP reader, in order) or a BlockSource that splits by DP group itself (prepared shards, streaming).
-    ``run_name`` pins the run folder (tests, Tune)."""
+    ``run_name`` pins the run folder (tests, Tune); ``callbacks`` are Ray Train callbacks (Tune's
+    TuneReportCallback for a trial)."""
     capacity = ensure_resources(cfg)
     storage = cfg.train.storage_path
     check_writable(storage)
@@ -147,6 +149,7 @@ def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: 
             name=name, storage_path=storage_inside,
             storage_filesystem=filesystem if is_remote(storage) else None,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets=datasets,
         # every DP reader walks a Ray Dataset whole and keeps its slice of each global batch

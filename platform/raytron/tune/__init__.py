@@ -1,0 +1,1 @@
+"""Sweeps on Ray Tune: the search space, the trial function, MLflow parent/child runs, resume."""

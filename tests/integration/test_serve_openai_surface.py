@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from raytron.model.sampling import SamplingParams
 from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.protocol import ChatMessage
 from tests.integration.test_serve_api import (  # noqa: F401 (fixtures)
-    API_KEY, BATCH, MODEL_NAME, TEXTS, client, coalescing, fill_every_slot, health, local, post, reference, served,
+    CONTEXT, MODEL_NAME, TEXTS, client, coalescing, fill_every_slot, health, local, post, reference, request, served,
     settled, wait_for)
 
 
@@ -183,3 +184,26 @@ def test_seeded_batch_invariance_with_n_and_logprobs_under_16_concurrent_request
         together = [outcome(reply.result()) for reply in replies]
     assert together == alone
     wait_for(lambda: settled(url), "every slot is free again")
+
+
+def test_tokenizer_endpoints_in_vllms_shapes(served, local):
+    url, tokenizer = served[0], local.tokenizer
+    counted = post(f"{url}/tokenize", {"model": MODEL_NAME, "prompt": TEXTS[0]}).json()
+    assert counted == {"count": len(tokenizer.encode(TEXTS[0]).ids), "max_model_len": CONTEXT,
+                       "tokens": tokenizer.encode(TEXTS[0]).ids, "token_strs": None}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[1]}]
+    chat = post(f"{url}/tokenize", {"messages": messages, "add_generation_prompt": True}).json()
+    rendered = render_chat([ChatMessage(**m) for m in messages])
+    assert chat["tokens"] == tokenizer.encode(rendered).ids
+    assert post(f"{url}/detokenize", {"tokens": counted["tokens"]}).json() == {"prompt": tokenizer.decode(counted["tokens"])}
+    info = request(f"{url}/tokenizer_info").json()
+    assert info["vocab_size"] == tokenizer.get_vocab_size() and info["max_model_len"] == CONTEXT
+    assert info["eos_token_id"] == local.eos_id and tokenizer.token_to_id(info["eos_token"]) == local.eos_id
+    assert {"bos_token", "pad_token", "bos_token_id", "pad_token_id"} <= set(info)
+    # a client renders chats itself from the template it was given
+    assert ImmutableSandboxedEnvironment().from_string(info["chat_template"]).render(messages=messages) == rendered
+    for route, body, param in [("tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+                               ("detokenize", {"tokens": [-1]}, "tokens"), ("tokenize", {"text": "a"}, "text")]:
+        reply = post(f"{url}/{route}", body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert request(f"{url}/tokenizer_info", headers={"Authorization": ""}).status_code == 401

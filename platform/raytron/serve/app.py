@@ -5,9 +5,10 @@
 serve config mapping itself. ``run_app(cfg)`` starts Serve's proxy on ``http.host:http.port``
 and deploys it.
 
-Routes: ``GET /health`` (no key needed; engine occupancy), ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` answers server-sent
-events ending with ``data: [DONE]``). Every error is an OpenAI-style body with a 4xx/5xx code.
+Routes: ``GET /health`` (no key needed; engine occupancy and its record of steps by batch size),
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
+answers server-sent events ending with ``data: [DONE]``), and vLLM's ``POST /tokenize``,
+``POST /detokenize``, ``GET /tokenizer_info``. Every error is an OpenAI-style body with a 4xx/5xx code.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at
@@ -29,11 +30,13 @@ from starlette.exceptions import HTTPException
 
 from raytron.config import TrackingConfig
 from raytron.serve.chat_template import TURN_STOPS, render_chat
-from raytron.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
-                                    completion_body, models_body, new_id, parse_request, text_choice, usage)
+from raytron.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    TokenizeRequest, chat_choice, chat_delta, completion_body, models_body, new_id,
+                                    parse_request, text_choice, usage)
 from raytron.serve.engine import Delta, Engine, EngineLimits
 from raytron.serve.logprob_shapes import chat_logprobs, legacy_logprobs
-from raytron.serve.prepare import Choice, prepare_choices, prompt_ids
+from raytron.serve.prepare import Choice, prepare_choices, prompt_ids, token_id_list
+from raytron.serve.tokenizer_info import tokenizer_info
 from raytron.serve.metrics import ServeMetrics
 from raytron.serve.model_source import MODEL_URI_PREFIX, check_source, load_model
 from raytron.serve.settings import ServeConfig, build_serve_config, load_serve_config
@@ -93,6 +96,30 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         return await self._answer(request, ChatCompletionRequest, self._chat_completion)
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await self._answer(request, TokenizeRequest, self._tokenize)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await self._answer(request, DetokenizeRequest, self._detokenize)
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._answer(request, None, lambda _: tokenizer_info(self.tokenizer, self.vocab_size,
+                                                                          self.engine.limits.context))
+
+    def _tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", "prompt", "invalid_value")
+        text = body.prompt if body.messages is None else render_chat(body.messages)
+        add_special = body.add_special_tokens is not False
+        tokens = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        return {"count": len(tokens), "max_model_len": self.engine.limits.context, "tokens": tokens, "token_strs": None}
+
+    def _detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        return {"prompt": self.tokenizer.decode(list(token_id_list(body.tokens, self.vocab_size, "tokens")))}
+
     async def _answer(self, request: Request, schema: type | None, handle) -> Response:
         """Count, authorize, parse and validate; any ApiError becomes its OpenAI-style body."""
         self.metrics.request()
@@ -101,7 +128,7 @@ class OpenAIServer:
             body = None
             if schema is not None:
                 body = parse_request(schema, await self._json(request))
-                if body.model != self.cfg.model.name:
+                if getattr(body, "model", None) not in (None, self.cfg.model.name):
                     raise ApiError(404, f"The model `{body.model}` does not exist; this server serves "
                                         f"`{self.cfg.model.name}`", "model", "model_not_found")
             result = handle(body)

@@ -20,13 +20,23 @@ plain text the model may have seen in its corpus.
 
 from __future__ import annotations
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from raytron.serve.protocol import ChatMessage
 
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATOR = "\n\n"
 TURN_STOPS = tuple(f"{TURN_SEPARATOR}{speaker}:" for speaker in SPEAKERS.values())
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}[message['role']] }}: "
+    "{{ message['content'] | trim }}\n\n"
+    "{% endfor %}Assistant:")
+"""The rendering above as a Jinja template over ``messages`` (Hugging Face's convention), which
+GET /tokenizer_info hands to clients; rendered in a sandbox as transformers does."""
+
+_template = ImmutableSandboxedEnvironment().from_string(CHAT_TEMPLATE)
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
-    turns = [f"{SPEAKERS[m.role]}: {m.text.strip()}" for m in messages]
-    return TURN_SEPARATOR.join([*turns, f"{SPEAKERS['assistant']}:"])
+    return _template.render(messages=[{"role": m.role, "content": m.text} for m in messages])

@@ -165,6 +165,26 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
         raise ApiError(400, f"{param}: {first['msg']} (got {first.get('input')!r})", param, code) from None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize: a prompt, or chat messages rendered by the chat template."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None
+    """Let the tokenizer add its special tokens (default: as completions do, yes)."""
+    add_generation_prompt: bool | None = None
+    """Accepted (vLLM's); the chat template always opens the assistant's turn."""
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def _param_path(loc: tuple) -> str | None:
     """pydantic's error location without the names of union members (``prompt.list[int].0`` ->
     ``prompt.0``)."""

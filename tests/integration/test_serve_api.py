@@ -49,7 +49,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Return the value of th
          "This module provides a class for reading files.", "Raises ValueError if the input is empty."]
 SERIES = ("raytron_serve_requests_total", "raytron_serve_errors_total", "raytron_serve_generated_tokens_total",
           "raytron_serve_running_batch_size", "raytron_serve_time_to_first_token_seconds_bucket",
-          "raytron_serve_inter_token_latency_seconds_bucket")
+          "raytron_serve_inter_token_latency_seconds_bucket", "raytron_serve_prompt_tokens_total",
+          "raytron_serve_logprob_requests_total", "raytron_serve_queue_time_seconds_bucket")
 
 
 def tiny_export(folder: Path) -> Path:
@@ -426,7 +427,7 @@ def test_load_32_clients_for_30_seconds(served):
 
 
 def test_metrics_reach_prometheus(served, client):
-    client.completions.create(model=MODEL_NAME, prompt=TEXTS[0], max_tokens=4)
+    client.completions.create(model=MODEL_NAME, prompt=TEXTS[0], max_tokens=4, logprobs=1)
     post(f"{served[0]}/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "top_p": 3})
     port = ray.nodes()[0]["MetricsExportPort"]
 

@@ -185,6 +185,8 @@ class OpenAIServer:
         request_id, name = new_id("cmpl"), self.cfg.model.name
         prompt_tokens = sum(len(ids) for ids in prompts)
         echo, logprobs = bool(body.echo), body.logprobs
+        if logprobs is not None:
+            self.metrics.logprob_request()
         # with echo the text starts with the prompt's (as given, or decoded from its token ids)
         prompt_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in given]
         opening = {c.index: prompt_texts[c.index // body.choices_per_prompt] if echo else "" for c in choices}
@@ -216,6 +218,8 @@ class OpenAIServer:
         choices = prepare_choices(body, [prompt], self.engine, self.cfg, self.vocab_size, "messages", TURN_STOPS)
         request_id, name = new_id("chatcmpl"), self.cfg.model.name
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if logprobs is not None:
+            self.metrics.logprob_request()
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs", "invalid_value")
         if body.stream:

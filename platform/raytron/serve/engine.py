@@ -269,6 +269,9 @@ class Engine:
             in_flight += request.budget
             joining.append(request)
         self.running += joining
+        if joining and self.metrics is not None:
+            now = time.perf_counter()
+            self.metrics.admitted([now - r.submitted for r in joining], sum(len(r.prompt) for r in joining))
         return joining
 
     @torch.no_grad()

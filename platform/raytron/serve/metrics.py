@@ -27,6 +27,14 @@ class ServeMetrics:
             boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
         self.generated_tokens = Counter("raytron_serve_generated_tokens_total", description="tokens generated",
                                         tag_keys=("model",))
+        self.prompt_tokens = Counter("raytron_serve_prompt_tokens_total", description="prompt tokens prefilled",
+                                     tag_keys=("model",))
+        self.logprob_requests = Counter("raytron_serve_logprob_requests_total",
+                                        description="requests asking for log-probabilities (logprobs or echo)",
+                                        tag_keys=("model",))
+        self.queue_time = Histogram("raytron_serve_queue_time_seconds",
+                                    description="submission to admission into the running batch",
+                                    boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
         self.running_batch_size = Gauge("raytron_serve_running_batch_size",
                                         description="sequences in the running batch", tag_keys=("model",))
 
@@ -46,3 +54,13 @@ class ServeMetrics:
         if produced:
             self.generated_tokens.inc(produced, tags=self.tags)
         self.running_batch_size.set(batch_size, tags=self.tags)
+
+    def logprob_request(self) -> None:
+        self.logprob_requests.inc(1, tags=self.tags)
+
+    def admitted(self, queue_times: list[float], prompt_tokens: int) -> None:
+        """Requests admitted in one iteration: how long each waited, and the prompt tokens they prefill."""
+        for seconds in queue_times:
+            self.queue_time.observe(seconds, tags=self.tags)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, tags=self.tags)

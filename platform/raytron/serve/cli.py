@@ -1,4 +1,5 @@
-"""``raytron serve CONFIG``: deploy the serve config's app on Ray and block until Ctrl-C."""
+"""``raytron serve CONFIG``: deploy the serve config's app on Ray and block until Ctrl-C.
+``raytron generate CONFIG``: offline completions on Ray Data (serve/batch_generate.py)."""
 
 from __future__ import annotations
 
@@ -65,9 +66,40 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve (blocks; prints the URL)")
-    parser.add_argument("config", help="serve YAML (see jobs/configs/serve/)")
+def add_config_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("config", help=what)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one field, value parsed as YAML; repeatable")
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server on Ray Serve (blocks; prints the URL)")
+    add_config_arguments(parser, "serve YAML (see jobs/configs/serve/)")
     parser.set_defaults(run=run_serve)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from raytron.serve.batch_generate import load_generate_config, run_generate as generate
+    from raytron.serve.model_source import ModelSourceError, check_source
+
+    cfg = load_generate_config(args.config, args.overrides)
+    try:  # before Ray starts: a missing model is one line in seconds
+        source = cfg.model.source if cfg.model.source.startswith("models:/") else str(Path(cfg.model.source).resolve())
+        check_source(source, cfg.model.tracking_uri)
+    except ModelSourceError as error:
+        print(f"raytron generate: {error}", file=sys.stderr)
+        return 1
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": source})})
+    connect(cfg.actors * cfg.num_cpus_per_actor)
+    summary = generate(cfg)
+    print(f"{'input':<50} {'records':>8} {'tokens':>8}  status")
+    for row in summary:
+        print(f"{row['input']:<50} {row['records'] if row['records'] is not None else '-':>8} "
+              f"{row['tokens'] if row['tokens'] is not None else '-':>8}  {row['status']}")
+    return 0
+
+
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("generate", help="completions for JSONL/Parquet prompts on Ray Data (resumable)")
+    add_config_arguments(parser, "generate YAML (model, input, output, request, limits, actors)")
+    parser.set_defaults(run=run_generate)

@@ -15,7 +15,7 @@ import yaml
 
 from raytron.config import ConfigError, RaytronConfig, build_config, read_run_mapping, schema_rows
 from raytron.data.cli import add_prepare, add_tokenizer
-from raytron.serve.cli import add_generate, add_serve
+from raytron.serve.cli import add_eval, add_generate, add_serve
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +169,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS = (add_config, add_info, add_train, add_tune, add_export, add_serve, add_prepare, add_tokenizer,
-               add_generate)
+               add_generate, add_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field, PositiveInt, ValidationError
+from pydantic import Field, PositiveInt
 
-from raytron.config import ConfigError, Section, read_yaml_mapping
-from raytron.serve.settings import Limits, ModelSource, SamplingDefaults, ServeConfig
+from raytron.config import Section
+from raytron.serve.settings import Limits, ModelSource, SamplingDefaults, ServeConfig, load_section
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -54,11 +54,7 @@ class GenerateConfig(Section):
 
 
 def load_generate_config(path: str, overrides: list[str] = ()) -> GenerateConfig:
-    try:
-        return GenerateConfig.model_validate(read_yaml_mapping(path, "generate config", overrides))
-    except ValidationError as error:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()]
-        raise ConfigError(f"invalid generate config {path}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+    return load_section(GenerateConfig, path, "generate config", overrides)
 
 
 class GenerationWorker:

@@ -1,5 +1,6 @@
 """``raytron serve CONFIG``: deploy the serve config's app on Ray and block until Ctrl-C.
-``raytron generate CONFIG``: offline completions on Ray Data (serve/batch_generate.py)."""
+``raytron generate CONFIG``: offline completions on Ray Data (serve/batch_generate.py).
+``raytron eval CONFIG``: perplexity, multiple choice, BLEU/ROUGE-L to MLflow (serve/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,26 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate", help="completions for JSONL/Parquet prompts on Ray Data (resumable)")
     add_config_arguments(parser, "generate YAML (model, input, output, request, limits, actors)")
     parser.set_defaults(run=run_generate)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from raytron.serve.evaluate import load_eval_config, run_eval as evaluate
+    from raytron.serve.model_source import ModelSourceError, check_source
+
+    cfg = load_eval_config(args.config, args.overrides)
+    try:
+        check_source(cfg.model.source, cfg.model.tracking_uri)
+    except ModelSourceError as error:
+        print(f"raytron eval: {error}", file=sys.stderr)
+        return 1
+    metrics, run_id = evaluate(cfg)
+    for name, value in metrics.items():
+        print(f"{name:<16} {value:>12.4f}")
+    print(f"MLflow run {run_id} (experiment {cfg.experiment})")
+    return 0
+
+
+def add_eval(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="perplexity, multiple-choice accuracy, BLEU/ROUGE-L of a model")
+    add_config_arguments(parser, "eval YAML (model, corpus, multiple_choice, references)")
+    parser.set_defaults(run=run_eval)

@@ -162,3 +162,12 @@ def load_serve_config(path: str | Path, overrides: list[str] = ()) -> ServeConfi
     """Load a serve YAML and apply ``--set a.b=c`` overrides (values parsed as YAML)."""
     raw = read_yaml_mapping(path, "serve config", overrides)
     return build_serve_config(raw, str(path))
+
+
+def load_section(section: type[BaseModel], path: str | Path, kind: str, overrides: list[str] = ()) -> Any:
+    """Load a YAML into one config class (generate, eval); ConfigError naming every bad field."""
+    try:
+        return section.model_validate(read_yaml_mapping(path, kind, overrides))
+    except ValidationError as error:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()]
+        raise ConfigError(f"invalid {kind} {path}:\n" + "\n".join(f"  - {line}" for line in lines)) from None

@@ -4,6 +4,7 @@ chat logprobs, token-id prompts, text-part content, explicit nulls, and refusals
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,6 +13,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from raytron.model.sampling import SamplingParams
 from raytron.serve.chat_template import TURN_STOPS, render_chat
+from raytron.serve.engine import Engine, EngineLimits
+from raytron.serve.evaluate import choice_logliks
 from raytron.serve.protocol import ChatMessage
 from tests.integration.test_serve_api import (  # noqa: F401 (fixtures)
     CONTEXT, MODEL_NAME, TEXTS, client, coalescing, fill_every_slot, health, local, post, reference, request, served,
@@ -207,3 +210,16 @@ def test_tokenizer_endpoints_in_vllms_shapes(served, local):
         reply = post(f"{url}/{route}", body)
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param
     assert request(f"{url}/tokenizer_info", headers={"Authorization": ""}).status_code == 401
+
+
+def test_echoed_log_likelihood_equals_raytron_evals(client, local):
+    """The server's echo scoring and `raytron eval`'s multiple-choice log-likelihood are one number."""
+    context, choice = TEXTS[2][:12], TEXTS[2][12:]
+    ctx, cont = local.tokenizer.encode(context).ids, local.tokenizer.encode(choice).ids
+    scored = client.completions.create(model=MODEL_NAME, prompt=ctx + cont, max_tokens=0, echo=True, logprobs=0)
+    echoed = sum(scored.choices[0].logprobs.token_logprobs[len(ctx):])
+    engine = Engine(local.model, local.eos_id, local.tokenizer.decode, EngineLimits(4, 4096, CONTEXT),
+                    vocab_size=local.tokenizer.get_vocab_size())
+    (evaluated,) = asyncio.run(choice_logliks(engine, local.tokenizer, [{"context": context, "choices": [choice]}]))
+    engine.close()
+    assert evaluated[0] == pytest.approx(echoed, abs=1e-4)

@@ -8,6 +8,7 @@ sequence per step until every sequence has hit EOS, a stop string or its token l
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -23,7 +24,7 @@ class Completion:
     tokens: list[int]
     """Generated token ids (prompt excluded; EOS excluded)."""
     finish_reason: Literal["stop", "length"]
-    """'stop' on EOS or a stop string, 'length' at max_new_tokens."""
+    """'stop' on EOS (any of the EOS set) or a stop string, 'length' at max_new_tokens."""
     text: str | None = None
     """Decoded text, cut before a stop string (only when a decoder is given)."""
 
@@ -40,8 +41,11 @@ class SequenceState:
         """Decoded text of ``tokens`` (only when a decoder is given)."""
         self.done: Completion | None = None
 
-    def accept(self, token: int, eos_id: int | None, decode: Callable[[list[int]], str] | None) -> None:
-        if token == eos_id:
+    def accept(self, token: int, eos_id: int | Collection[int] | None,
+               decode: Callable[[list[int]], str] | None) -> None:
+        """``eos_id``: one id or the set (e.g. Llama-3-Instruct ends turns with <|eot_id|>, texts with
+        <|end_of_text|>: generation_config.json lists both); any of them ends the sequence."""
+        if is_eos(token, eos_id):
             self.done = Completion(self.tokens, "stop", self.text)
             return
         self.tokens.append(token)
@@ -54,6 +58,12 @@ class SequenceState:
                 return
         if len(self.tokens) >= self.params.max_new_tokens:
             self.done = Completion(self.tokens, "length", self.text)
+
+
+def is_eos(token: int, eos_id: int | Collection[int] | None) -> bool:
+    if eos_id is None:
+        return False
+    return token == eos_id if isinstance(eos_id, int) else token in eos_id
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -88,7 +98,7 @@ def decode_step(model: GPT, tokens: list[int], positions: list[int], cache: KVCa
 
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-             eos_id: int | None = None, decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
+             eos_id: int | Collection[int] | None = None, decode: Callable[[list[int]], str] | None = None) -> list[Completion]:
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):

@@ -30,6 +30,17 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_epsilon)
 
 
+def mask_padded_rows(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """Logits (B, T, V_local) of this rank's vocab slice from ``vocab_start``: the rows that only pad
+    the embedding (ids >= vocab_size) get -inf, so they never win sampling and the loss's softmax
+    leaves them out (their gradient is zero)."""
+    limit = vocab_size - vocab_start
+    if limit >= logits.shape[-1]:
+        return logits
+    padded = torch.arange(logits.shape[-1], device=logits.device) >= limit  # (V_local,)
+    return logits.masked_fill(padded, float("-inf"))
+
+
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: LayerFactory, padded_vocab: int):
         super().__init__()
@@ -131,13 +142,13 @@ class Head(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
         self.layers = layers
+        self.vocab_size = cfg.vocab_size
         self.output = None if cfg.tied else layers.column(cfg.hidden_size, padded_vocab, bias=False)
 
     def forward(self, x: torch.Tensor, tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(x)
-        if self.output is None:
-            return self.layers.tied_logits(x, tied_weight)  # (B, T, V/tp)
-        return self.output(x)  # (B, T, V/tp)
+        logits = self.layers.tied_logits(x, tied_weight) if self.output is None else self.output(x)  # (B, T, V/tp)
+        return mask_padded_rows(logits, self.vocab_size, self.layers.vocab_start(logits.shape[-1]))
 
 
 class GPT(nn.Module):

@@ -34,6 +34,9 @@ class LayerFactory(Protocol):
     def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         """(B, T, h) x embedding (V_local, h) -> logits (B, T, V_local)."""
 
+    def vocab_start(self, local_rows: int) -> int:
+        """First vocabulary id of this rank's logits/embedding rows, given how many it holds."""
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of (possibly vocab-sharded) logits (B, T, V_local) vs targets (B, T)."""
 
@@ -67,6 +70,9 @@ class SerialLayers:
 
     def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, embedding_weight)
+
+    def vocab_start(self, local_rows: int) -> int:
+        return 0
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

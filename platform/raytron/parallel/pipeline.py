@@ -17,7 +17,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from torch import nn
 
 from raytron.config import ModelConfig
-from raytron.model.gpt import Block, make_norm
+from raytron.model.gpt import Block, make_norm, mask_padded_rows
 from raytron.model.init import initialize_parameters
 from raytron.model.layer_factory import LayerFactory
 from raytron.parallel.topology import Topology
@@ -30,9 +30,10 @@ def _positions_like(x: torch.Tensor) -> torch.Tensor:
 
 
 class TokenStage(nn.Module):
-    def __init__(self, layers: LayerFactory, padded_vocab: int, hidden: int):
+    def __init__(self, layers: LayerFactory, padded_vocab: int, hidden: int, vocab_size: int):
         super().__init__()
         self.layers = layers
+        self.vocab_size = vocab_size
         self.tokens = layers.embedding(padded_vocab, hidden)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,8 @@ class TokenStage(nn.Module):
 
 
 def tied_logits(stage: TokenStage, hidden: torch.Tensor) -> torch.Tensor:
-    return stage.layers.tied_logits(hidden, stage.tokens.weight)  # (B, T, V/tp)
+    logits = stage.layers.tied_logits(hidden, stage.tokens.weight)  # (B, T, V/tp)
+    return mask_padded_rows(logits, stage.vocab_size, stage.layers.vocab_start(logits.shape[-1]))
 
 
 class PositionStage(nn.Module):
@@ -70,16 +72,19 @@ class NormStage(nn.Module):
 
 
 class OutputStage(nn.Module):
-    def __init__(self, layers: LayerFactory, hidden: int, padded_vocab: int):
+    def __init__(self, layers: LayerFactory, hidden: int, padded_vocab: int, vocab_size: int):
         super().__init__()
+        self.layers = layers
+        self.vocab_size = vocab_size
         self.output = layers.column(hidden, padded_vocab, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(x)  # (B, T, V/tp)
+        logits = self.output(x)  # (B, T, V/tp)
+        return mask_padded_rows(logits, self.vocab_size, self.layers.vocab_start(logits.shape[-1]))
 
 
 def layer_specs(cfg: ModelConfig, layers: LayerFactory, padded_vocab: int) -> list[LayerSpec]:
-    tokens = (TokenStage, layers, padded_vocab, cfg.hidden_size)
+    tokens = (TokenStage, layers, padded_vocab, cfg.hidden_size, cfg.vocab_size)
     tied = cfg.tied
     specs = [TiedLayerSpec(TIED_KEY, *tokens, tied_weight_attr="tokens.weight") if tied else LayerSpec(*tokens),
              LayerSpec(PositionStage, cfg)]
@@ -88,7 +93,7 @@ def layer_specs(cfg: ModelConfig, layers: LayerFactory, padded_vocab: int) -> li
     if tied:
         specs.append(TiedLayerSpec(TIED_KEY, *tokens, forward_fn=tied_logits, tied_weight_attr="tokens.weight"))
     else:
-        specs.append(LayerSpec(OutputStage, layers, cfg.hidden_size, padded_vocab))
+        specs.append(LayerSpec(OutputStage, layers, cfg.hidden_size, padded_vocab, cfg.vocab_size))
     return specs
 
 

@@ -35,10 +35,13 @@ class TensorParallelLayers:
     def tied_logits(self, hidden: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(hidden, self.group), embedding_weight)  # (B, T, V/tp)
 
+    def vocab_start(self, local_rows: int) -> int:
+        return self.group.rank * local_rows
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:  # nothing to reduce: torch's fused kernel is about twice as fast
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        vocab_start = self.group.rank * logits.shape[-1]
+        vocab_start = self.vocab_start(logits.shape[-1])
         return vocab_parallel_cross_entropy(logits, targets, self.group, vocab_start)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:

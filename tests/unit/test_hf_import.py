@@ -58,7 +58,11 @@ def test_twenty_greedy_tokens_equal_transformers(imported):
 
 def test_import_then_export_is_bitwise_and_loads(imported, tmp_path):
     _, folder, theirs, ours = imported
+    generation = folder / "generation_config.json"
+    # an EOS list (Llama-3-Instruct: end of text and end of turn) must survive export
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": [2, 7]}))
     out = export_huggingface(ours, tmp_path / "export")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 7]
     exported, source = load_file(out / "model.safetensors"), source_tensors(folder)
     assert exported.keys() == source.keys()
     for name, tensor in source.items():

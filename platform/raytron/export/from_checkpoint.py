@@ -65,7 +65,9 @@ def _lineage(consolidated: ConsolidatedCheckpoint, checkpoint: str) -> dict:
     meta = consolidated.meta
     return {"checkpoint": checkpoint, "checkpoint_step": meta.step, "mlflow_run_id": meta.mlflow_run_id,
             "config_hash": consolidated.config.digest(), "padded_vocab_size": meta.padded_vocab_size,
-            "data_manifest_hash": meta.extra.get("data_manifest_hash", NO_MANIFEST)}
+            "data_manifest_hash": meta.extra.get("data_manifest_hash", NO_MANIFEST),
+            # the model it started from (model.init_from), None when trained from scratch
+            "base_model": consolidated.config.model.init_from}
 
 
 def _register(consolidated: ConsolidatedCheckpoint, folder: Path, lineage: dict) -> ModelVersion:

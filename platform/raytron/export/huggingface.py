@@ -23,6 +23,7 @@ from raytron.model.hf_config import RAYTRON_CONFIG_KEY, huggingface_config
 from raytron.model.hf_mapping import from_huggingface_state, to_huggingface_state
 
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def export_huggingface(model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path,
@@ -49,7 +50,16 @@ def export_huggingface(model: GPT | Mapping[str, torch.Tensor], out_dir: str | P
     save_file(to_huggingface_state(state, cfg), out / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer_path is not None:
         _copy_tokenizer(Path(tokenizer_path), out, cfg, eos_token_id)
+    _copy_generation_config(cfg, out)
     return out
+
+
+def _copy_generation_config(cfg: ModelConfig, out: Path) -> None:
+    """An imported model's generation_config.json goes with it: its eos_token_id may be a list (e.g.
+    Llama-3-Instruct's end of text and end of turn), and generation must stop on every one."""
+    source = Path(cfg.init_from) / GENERATION_CONFIG_FILE if cfg.init_from else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, out / GENERATION_CONFIG_FILE)
 
 
 def _copy_tokenizer(tokenizer_path: Path, out: Path, cfg: ModelConfig, eos_token_id: int | None) -> None:

@@ -8,10 +8,12 @@ the serial GPT's names, for export).
 from __future__ import annotations
 
 import functools
+import math
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
 from torch import nn
 
 from raytron.config import RaytronConfig
@@ -66,6 +68,7 @@ class TrainingEngine:
         _count_replicated_once(module, topology)
         optimizer = torch.optim.AdamW(_param_groups(module, train.weight_decay), lr=train.lr, betas=train.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=train))
+        self._zero0_grad_norm: float | None = None
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                                     mpu=mpu, config=deepspeed_config(cfg))
         if not self.pipelined and topology.data.size == 1 and cfg.parallel.zero_stage == 0:
@@ -92,6 +95,8 @@ class TrainingEngine:
         for inputs, targets in self._pairs(micro_batches):
             loss = self.engine.module.loss(self.engine(inputs), targets)
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                self._measure_grad_norm()
             self.engine.step()
             losses.append(loss.detach())
         return self._mean_over_dp(torch.stack(losses).mean())
@@ -118,9 +123,19 @@ class TrainingEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    def _measure_grad_norm(self) -> None:
+        """At ZeRO 0 DeepSpeed's plain-optimizer path computes the norm only to clip, and drops it (and with
+        clipping off never computes it), so runs reported no grad norm. Measure it here, on the reduced
+        gradients before the step clips them, with the function DeepSpeed clips with (max_norm inf: no clip)."""
+        if self.engine.zero_optimization() or self.engine.bfloat16_enabled() or self.engine.fp16_enabled():
+            return  # those optimizers keep their own norm
+        self._zero0_grad_norm = float(clip_grad_norm_(self.engine.module.parameters(), math.inf, mpu=self.engine.mpu))
+
     @property
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._zero0_grad_norm
         return None if norm is None else float(norm)
 
     def _gpt_named_parameters(self):

@@ -157,6 +157,10 @@ class RunTracker:
         self._guard("log_artifacts", lambda: self._client.log_artifacts(self._require_run(), str(local_dir),
                                                                         artifact_path))
 
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        """A JSON artifact of the run (e.g. the placement of its ranks)."""
+        self._guard("log_dict", lambda: self._client.log_dict(self._require_run(), dict(data), artifact_file))
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._guard("set_tags", self._set_tags, tags)
 

@@ -23,6 +23,8 @@ from raytron.train.cluster import ensure_resources, reporting_scale_up, worker_r
 from raytron.train.fault_injection import ENV_VAR as FAULT_ENV_VAR
 from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
+from raytron.train.placement import ARTIFACT as PLACEMENT_ARTIFACT
+from raytron.train.placement import PlacementError, gather_placement
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
 
@@ -56,6 +58,14 @@ def _worker(payload: dict) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo")
     topology = Topology.from_world(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
     rank = context.get_world_rank()
+    placement = gather_placement(topology.layout, ray.get_runtime_context().get_node_id())
+    if rank == 0 and payload.get("mlflow_run_id"):
+        RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"]).log_dict(placement.to_dict(),
+                                                                                      PLACEMENT_ARTIFACT)
+    try:
+        placement.require_tp_within_nodes()
+    except PlacementError as error:
+        return {"stopped": str(error)}  # every rank sees the same placement and stops; a retry would not help
     session = RaySession(rank, _rank_zero_publisher(payload, cfg) if rank == 0 else None, payload.get("fault"))
     try:
         return train(cfg, topology, session, _source(payload, "train"), _source(payload, "validation"),

@@ -10,6 +10,9 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed JIT-builds ops with gcc; keep the build cache with the venv so it happens once.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
+# Debian's Prometheus for the dashboards test, unpacked here (its system service is never started).
+PROMETHEUS := .tools/prometheus/usr/bin/prometheus
+
 .PHONY: setup demo test test-fast bench mlflow-ui clean
 
 setup: $(STAMP)
@@ -27,8 +30,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m raytron.demo
 
-test: setup
+test: setup $(PROMETHEUS)
 	$(PY) -m pytest tests
+
+# Done once: `apt-get download` (no install, no service) then unpack; apt's lists are fetched if missing.
+$(PROMETHEUS):
+	mkdir -p .tools
+	cd .tools && (apt-get download prometheus || (apt-get update -q && apt-get download prometheus))
+	dpkg-deb -x .tools/prometheus_*.deb .tools/prometheus
+	rm -f .tools/prometheus_*.deb
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"

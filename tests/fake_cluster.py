@@ -67,8 +67,9 @@ def autoscaling_config(gcs_address: str, head_cpus: int, worker_types: dict[str,
 
 
 @contextmanager
-def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2,
-                             idle_timeout_minutes: float = 0.1) -> Iterator[FakeCluster]:
+def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2, idle_timeout_minutes: float = 0.1,
+                             dashboard: bool = False) -> Iterator[FakeCluster]:
+    """``dashboard``: start Ray's dashboard (on 127.0.0.1), which also writes the Prometheus target file."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-fake-", dir="/tmp"))  # short: Ray's socket paths are limited
     port = free_port()
     address = f"{HOST}:{port}"
@@ -77,11 +78,16 @@ def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2,
     # token auth (Ray 2.60's default for `ray start`) with a token of this cluster's own, given to every
     # process through the environment rather than ~/.ray/auth_token, which other clusters here share
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
+           "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           # the autoscaler's and the dashboard's metrics ports are fixed by default: other clusters here use them
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
+    # the cluster's own processes (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
+    # without one they find every Ray instance on the machine and give up
+    env["RAY_ADDRESS"] = address
     command = [str(RAY), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(port),
                f"--num-cpus={head_cpus}", f"--autoscaling-config={config_path}", f"--temp-dir={temp_dir}",
-               "--include-dashboard=false", "--dashboard-port", str(free_port()), "--disable-usage-stats",
+               f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host", HOST,
+               "--dashboard-port", str(free_port()), "--disable-usage-stats",
                "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     log_path = temp_dir / "ray-start.log"
@@ -106,14 +112,17 @@ def _pythonpath() -> str:
     return os.pathsep.join(part for part in parts if part)
 
 
-def _wait_until_up(cluster: FakeCluster, process: subprocess.Popen, log_path: Path, deadline_s: float = 90) -> None:
+def _wait_until_up(cluster: FakeCluster, process: subprocess.Popen, log_path: Path, deadline_s: float = 240) -> None:
     probe = "import ray; ray.init(); print(ray.cluster_resources().get('CPU', 0))"
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"ray start exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        if cluster.driver(probe, timeout=60).returncode == 0:
-            return
+        try:
+            if cluster.driver(probe, timeout=120).returncode == 0:
+                return
+        except subprocess.TimeoutExpired:  # a loaded machine: the head may still be starting
+            pass
         time.sleep(1)
     raise RuntimeError(f"fake cluster at {cluster.address} not up after {deadline_s:.0f} s:\n"
                        f"{log_path.read_text()[-4000:]}")

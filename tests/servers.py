@@ -1,7 +1,8 @@
-"""Real servers on 127.0.0.1 for tests: moto's S3 server (in-process) and `mlflow server`."""
+"""Real servers on 127.0.0.1 for tests: moto's S3 server (in-process), `mlflow server` and Prometheus."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,19 +89,20 @@ def mlflow_server(tmp_dir: str | Path) -> Iterator[MlflowServer]:
         _stop_session(process)
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path) -> None:
+def _wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, what: str = "mlflow server",
+                        path: str = "/health") -> None:
     deadline = time.monotonic() + STARTUP_DEADLINE_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{_tail(log_path)}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{_tail(log_path)}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"mlflow server at {url} not healthy after {STARTUP_DEADLINE_S:.0f} s:\n{_tail(log_path)}")
+    raise RuntimeError(f"{what} at {url} not healthy after {STARTUP_DEADLINE_S:.0f} s:\n{_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -133,3 +136,53 @@ def _group_alive(process: subprocess.Popen) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+PROMETHEUS = Path(os.environ.get("RAYTRON_PROMETHEUS") or
+                  Path(__file__).resolve().parents[1] / ".tools/prometheus/usr/bin/prometheus")
+"""Debian's Prometheus, unpacked by `make test` (never its system service)."""
+
+
+@dataclass
+class PrometheusServer:
+    url: str
+    log_path: Path
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant vector (or scalar as one sample) an expression gives now, through /api/v1/query."""
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise RuntimeError(f"{expr}: {error.read().decode(errors='replace')}") from error
+        if body["status"] != "success":
+            raise RuntimeError(f"{expr}: {body}")
+        data = body["data"]
+        return data["result"] if data["resultType"] in ("vector", "matrix") else [{"value": data["result"]}]
+
+    def label_values(self, label: str, series: str) -> list[str]:
+        url = f"{self.url}/api/v1/label/{label}/values?" + urllib.parse.urlencode({"match[]": series})
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())["data"]
+
+
+@contextmanager
+def prometheus_server(config: dict, tmp_dir: str | Path) -> Iterator[PrometheusServer]:
+    """Prometheus on 127.0.0.1 with ``config`` (a prometheus.yml as a dict), data under ``tmp_dir``."""
+    tmp_dir = Path(tmp_dir)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_dir / "prometheus.yml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    command = [str(PROMETHEUS), f"--config.file={config_path}", f"--web.listen-address={HOST}:{port}",
+               f"--storage.tsdb.path={tmp_dir / 'data'}"]
+    log_path = tmp_dir / "prometheus.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    try:
+        _wait_until_healthy(url, process, log_path, "prometheus", "/-/ready")
+        yield PrometheusServer(url, log_path)
+    finally:
+        _stop_session(process)

@@ -1,0 +1,146 @@
+"""One supervised fine-tuning record -> token ids and a per-token loss mask.
+
+Formats: ``chat`` (``{"messages": [{"role", "content"}, ...]}``, rendered with the model's chat
+template) and ``prompt_completion`` (``{"prompt", "completion"}``, the completion followed by EOS).
+``loss_mask[i]`` says whether token ``i`` is scored as a target (predicted from token ``i - 1``):
+only assistant / completion tokens, their end-of-turn text or EOS included, unless
+``train_on_prompt``. Checks return a problem text instead of raising, so the caller applies
+``data.on_bad_record`` exactly as for plain-text records, naming file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from raytron.data.chat_template import ChatTemplate, ChatTemplateError
+
+SFT_FORMATS = ("chat", "prompt_completion")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+LENGTH_POLICIES = ("truncate", "skip", "fail")
+
+
+class SampleTooLongError(ValueError):
+    """A sample longer than seq_len + 1 tokens under ``data.too_long: fail``."""
+
+
+@dataclass(frozen=True)
+class SftSample:
+    tokens: np.ndarray
+    """(n,) int32 ids."""
+    loss_mask: np.ndarray
+    """(n,) bool: token i is a scored target."""
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class SftOutcome:
+    """Exactly one of: a sample, a bad-record problem, or a sample skipped for its length."""
+    sample: SftSample | None = None
+    problem: str | None = None
+    skipped_too_long: bool = False
+
+
+def chat_problem(record: object) -> str | None:
+    """Why a chat record cannot be trained on, or None."""
+    if not isinstance(record, dict):
+        return "a chat record must be a JSON object"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{index}] must be an object with 'role' and 'content'"
+        if message.get("role") not in CHAT_ROLES:
+            return f"messages[{index}].role {message.get('role')!r} is not one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"messages[{index}].content must be a string"
+    if not any(message["role"] == "assistant" for message in messages):
+        return "no assistant turn (nothing to train on)"
+    return None
+
+
+def prompt_completion_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "a prompt_completion record must be a JSON object"
+    for key in ("prompt", "completion"):
+        if not isinstance(record.get(key), str):
+            return f"'{key}' must be a string"
+    if not record["completion"]:
+        return "'completion' is empty (nothing to train on)"
+    return None
+
+
+def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    starts = np.array([start for start, _ in offsets], dtype=np.int64)  # (n,)
+    mask = np.zeros(len(offsets), dtype=bool)
+    for span_start, span_stop in spans:
+        mask |= (starts >= span_start) & (starts < span_stop)
+    return mask
+
+
+class SftEncoder:
+    """Encodes records of one format; the tokenizer's own post-processor is never applied (the
+    template writes any BOS itself), so a chat never starts with two BOS tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, fmt: str, eos_id: int, template: ChatTemplate | None = None,
+                 train_on_prompt: bool = False):
+        if fmt not in SFT_FORMATS:
+            raise ValueError(f"data.format {fmt!r}: expected one of {', '.join(SFT_FORMATS)}")
+        if fmt == "chat" and template is None:
+            raise ValueError("data.format chat needs a chat template (data.chat_template or the tokenizer's "
+                             "tokenizer_config.json)")
+        self.tokenizer, self.fmt, self.eos_id = tokenizer, fmt, eos_id
+        self.template, self.train_on_prompt = template, train_on_prompt
+
+    def encode(self, record: object) -> SftSample | str:
+        """The sample, or a problem text (without file and line)."""
+        if self.fmt == "chat":
+            problem = chat_problem(record)
+            return problem if problem else self._encode_chat(record["messages"])
+        problem = prompt_completion_problem(record)
+        return problem if problem else self._encode_prompt_completion(record["prompt"], record["completion"])
+
+    def _encode_chat(self, messages: list[dict]) -> SftSample | str:
+        try:
+            text, spans = self.template.assistant_spans(messages)
+        except ChatTemplateError as error:
+            return str(error)
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        mask = _mask_from_spans(encoding.offsets, spans)
+        tokens = np.asarray(encoding.ids, dtype=np.int32)
+        return SftSample(tokens, np.ones_like(mask) if self.train_on_prompt else mask)
+
+    def _encode_prompt_completion(self, prompt: str, completion: str) -> SftSample:
+        # encoded apart so no token straddles the boundary and the mask is exact
+        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        completion_ids = self.tokenizer.encode(completion, add_special_tokens=False).ids + [self.eos_id]
+        tokens = np.asarray(prompt_ids + completion_ids, dtype=np.int32)
+        mask = np.zeros(len(tokens), dtype=bool)
+        mask[0 if self.train_on_prompt else len(prompt_ids):] = True
+        return SftSample(tokens, mask)
+
+
+def fit_length(sample: SftSample, seq_len: int, policy: str, where: str) -> SftOutcome:
+    """Apply data.too_long to a sample longer than seq_len + 1 tokens (a shard row holds seq_len + 1)."""
+    if policy not in LENGTH_POLICIES:
+        raise ValueError(f"data.too_long {policy!r}: expected one of {', '.join(LENGTH_POLICIES)}")
+    limit = seq_len + 1
+    if len(sample.tokens) <= limit:
+        return SftOutcome(sample=sample)
+    if policy == "fail":
+        raise SampleTooLongError(f"{where}: sample of {len(sample.tokens)} tokens is longer than seq_len + 1 = "
+                                 f"{limit} (set data.too_long: truncate or skip)")
+    if policy == "skip" or not sample.loss_mask[:limit].any():  # truncation would leave nothing to score
+        return SftOutcome(skipped_too_long=True)
+    return SftOutcome(sample=SftSample(sample.tokens[:limit], sample.loss_mask[:limit], truncated=True))
+
+
+def encode_record(encoder: SftEncoder, record: object, seq_len: int, policy: str, where: str) -> SftOutcome:
+    """A record of ``where`` (``"<url>:<line>"``) encoded and fitted to the sequence length."""
+    result = encoder.encode(record)
+    if isinstance(result, str):
+        return SftOutcome(problem=f"{where}: {result}")
+    return fit_length(result, seq_len, policy, where)

@@ -50,3 +50,25 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     """Mean loss of logits (B, T, V/tp) against targets (B, T)."""
     per_token = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), group, vocab_start)
     return per_token.mean()
+
+
+def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, group: ParallelGroup,
+                    vocab_start: int) -> torch.Tensor:
+    """Sum of the losses of the scored targets: logits (B, T, V/tp), targets and loss_mask (B, T).
+
+    Unscored positions contribute neither loss nor gradient (their upstream gradient is 0), so
+    prompt tokens and padding cost nothing; the caller divides by the global batch's scored count."""
+    per_token = _VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), group, vocab_start)  # (B*T,)
+    return (per_token * loss_mask.flatten().to(per_token.dtype)).sum()
+
+
+def micro_batch_loss_scale(global_scored: int, grad_accum: int, dp: int) -> float:
+    """Factor for a micro-batch's masked loss sum so that the engine's gradient is
+    sum over the global batch's scored tokens / their count, whatever the micro / accum / dp split.
+
+    DeepSpeed divides each micro-batch's loss by grad_accum and averages gradients over the DP ranks,
+    i.e. divides by grad_accum * dp; a plain per-micro-batch mean would weight a micro-batch with few
+    scored tokens as much as one with many."""
+    if global_scored <= 0:
+        raise ValueError("the global batch has no scored tokens (every sample's loss_mask is empty)")
+    return grad_accum * dp / global_scored

@@ -200,7 +200,7 @@ class DataConfig(Section):
     tokenizer_sample_bytes: PositiveInt = 20_000_000
     """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
     prepared: str | None = None
-    """Output URL of the prepared shards + manifest; default <train.storage_path>/prepared/<name>."""
+    """Output URL of the prepared shards + manifest; default <train.storage_path>/prepared/<the data's fingerprint>."""
     mode: Literal["prepared", "streaming"] = "prepared"
     """'prepared': train from `raytron prepare` shards; 'streaming': tokenize and pack the raw corpus online."""
     on_bad_record: Literal["fail", "skip"] = "fail"

@@ -54,8 +54,8 @@ def test_train_to_s3_with_mlflow_then_resume(ray_cluster, s3_env, mlflow_server,
     version = client.get_model_version(name, first.export.model_version.version)
     assert version.tags[RUN_ID_TAG] == run_id and version.run_id == run_id
     assert version.tags[CONFIG_HASH_TAG] == run.data.tags[CONFIG_HASH_TAG]
-    # trained on the demo corpus prepared into <storage>/prepared/<name>: the export names that manifest
-    manifest = read_manifest(f"{storage}/prepared/{name}")
+    # trained on the demo corpus prepared into <storage>/prepared/<fingerprint>: the export names that manifest
+    manifest = read_manifest(f"{storage}/prepared/{run.data.tags[DATA_MANIFEST_TAG][:16]}")
     assert version.tags[DATA_MANIFEST_TAG] == run.data.tags[DATA_MANIFEST_TAG] == manifest.fingerprint
     assert (first.export.folder / "config.json").exists()
 

@@ -1,6 +1,6 @@
 """``raytron prepare``: raw corpus -> tokenized, packed shards + manifest, reused when unchanged.
 
-Output goes to ``data.prepared`` (default ``<train.storage_path>/prepared/<name>``).
+Output goes to ``data.prepared`` (default ``<train.storage_path>/prepared/<fingerprint>``).
 If a manifest there has the same fingerprint, nothing is recomputed. Otherwise the old
 manifest is deleted first (the folder no longer looks complete), then the shards and
 tokenizer, and everything is written again at the same paths; the manifest comes last.
@@ -56,9 +56,15 @@ class PrepareResult:
         return rows
 
 
-def prepared_url(cfg: RaytronConfig) -> str:
-    """data.prepared, else <train.storage_path>/prepared/<name>; local paths made absolute (workers read them)."""
-    url = cfg.data.prepared or join_url(cfg.train.storage_path, "prepared", cfg.name)
+FINGERPRINT_DIR_CHARS = 16
+"""Hex digits of the fingerprint that name the default prepared folder (64 bits: no collision in practice)."""
+
+
+def prepared_url(cfg: RaytronConfig, digest: str) -> str:
+    """data.prepared, else <train.storage_path>/prepared/<fingerprint>: located by what the shards hold, not by
+    the run's name, so runs (and sweeps) of one corpus under different names tokenize it once. Local paths are
+    made absolute (workers read them)."""
+    url = cfg.data.prepared or join_url(cfg.train.storage_path, "prepared", digest[:FINGERPRINT_DIR_CHARS])
     return url if is_remote(url) else str(Path(url).expanduser().absolute())
 
 
@@ -75,18 +81,18 @@ def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: Tokenizer
 
 
 def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResult:
-    """Prepare data.source into prepared_url(cfg), or reuse what is there when the fingerprint matches.
+    """Prepare data.source into prepared_url(cfg, fingerprint), or reuse what is there when the fingerprint matches.
 
     Connects nothing itself: under a connected Ray cluster it uses that one, otherwise Ray
     Data starts a local one. 'demo' builds the docstring corpus as JSONL under ``workdir``.
     """
     started = time.monotonic()
     data = cfg.data
-    url = prepared_url(cfg)
     sources = list_sources(cfg, workdir)
     given = load_configured(cfg) if data.tokenizer else None
     settings = identity(cfg, sources, given)
     digest = fingerprint(settings)
+    url = prepared_url(cfg, digest)
     existing = read_manifest(url, data.endpoint_url, data.region)
     if existing is not None and existing.fingerprint == digest:
         return PrepareResult(url, existing, True, time.monotonic() - started)

@@ -111,7 +111,8 @@ class StepBatches:
         local = torch.empty(self.micro * self.accum, self.block_len, dtype=torch.long)
         if self.is_reader:
             batch = self._next_local_batch()
-            local.copy_(torch.as_tensor(batch["tokens"]))
+            # numpy copies into the tensor's memory: torch.as_tensor of a read-only Arrow-backed array warns
+            local.numpy()[...] = batch["tokens"]
             self.last_ids = batch["id"].tolist() if "id" in batch else []
         group = self.topology.data_source
         if group.size > 1:

@@ -54,8 +54,11 @@ class TrainingEngine:
         torch.manual_seed(train.seed + 1009 * topology.dp_index)
         layers = self.layers = TensorParallelLayers(topology, train.seed)
         if self.pipelined:
-            module = build_pipeline(cfg.model, topology, layers, cfg.padded_vocab_size, train.seed,
-                                    train.activation_checkpointing)
+            # PipelineModule broadcasts the tied embedding in place from the first stage as it is built; with
+            # grad mode on, autograd records that c10d op (it has no autograd kernel) and warns in every backward
+            with torch.no_grad():
+                module = build_pipeline(cfg.model, topology, layers, cfg.padded_vocab_size, train.seed,
+                                        train.activation_checkpointing)
             mpu = None  # the PipelineModule brings its own grid
         else:
             module = build_model(cfg.model, train.seed, layers, cfg.padded_vocab_size)

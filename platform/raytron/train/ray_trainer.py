@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.data import Dataset
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution import context as train_context_module
 
 from raytron.config import RaytronConfig, build_config
 from raytron.export.from_checkpoint import ExportResult
@@ -25,6 +27,7 @@ from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.train.placement import ARTIFACT as PLACEMENT_ARTIFACT
 from raytron.train.placement import PlacementError, gather_placement
+from raytron.train.progress import ProgressLine
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
 
@@ -51,6 +54,8 @@ def _worker(payload: dict) -> dict:
     from raytron.train.loop import NonFiniteLoss, train
 
     cfg = build_config(payload["config"])
+    # Ray Train logs every report's repr at INFO from every worker; rank 0's progress line says it once, readably
+    logging.getLogger(train_context_module.__file__).setLevel(logging.WARNING)
     context = ray.train.get_context()
     os.environ.setdefault("LOCAL_RANK", str(context.get_local_rank()))  # PipelineModule requires it
     if cfg.train.threads:
@@ -89,6 +94,7 @@ def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
     step; MLflow gets every step's metrics in one request per log/checkpoint step (and the last), sent
     from a background thread so no step waits on the tracking server; the last step waits for them."""
     gauges = TrainingGauges(payload["run_name"])
+    progress = ProgressLine(cfg.train.steps, f"[{payload['run_name']}] ")
     sender = None
     if payload.get("mlflow_run_id"):
         sender = BackgroundMetricSender(RunTracker.attach(payload["tracking_uri"], payload["mlflow_run_id"]))
@@ -96,6 +102,8 @@ def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
 
     def publish(metrics: dict, step: int) -> None:
         gauges.publish(metrics)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            print(progress.line(metrics), flush=True)
         if sender is None:
             return
         pending.append((metrics, step, int(time.time() * 1000)))

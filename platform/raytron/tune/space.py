@@ -25,6 +25,8 @@ UNSWEEPABLE_KEYS = ("name", "tune.")
 """The sweep's own identity: each trial gets its name from the sweep."""
 OVERRIDES = "overrides"
 """The key of Tune's param_space under which a trial's {dotted key: value} arrives."""
+LAYOUT = "layout"
+"""The key under which a layout sweep's trial gets its {dotted key: value} layout (one grid over whole layouts)."""
 
 
 def sweep_name(cfg: RaytronConfig) -> str:
@@ -84,15 +86,22 @@ def checked_points(cfg: RaytronConfig) -> list[dict[str, Any]]:
     return [dict(zip(keys, combination)) for combination in itertools.product(*choices)]
 
 
-def validate_sweep(cfg: RaytronConfig) -> list[RaytronConfig]:
-    """The configs of every checked point; ConfigError naming each bad point and its fields otherwise."""
-    if not cfg.tune.search_space:
-        raise ConfigError("tune.search_space: empty; a sweep needs at least one swept key")
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """A Tune trial's config back as {dotted key: value}: its search-space values and its layout."""
+    return {**config.get(OVERRIDES, {}), **config.get(LAYOUT, {})}
+
+
+def validate_sweep(cfg: RaytronConfig, layouts: list[dict[str, Any]] = ()) -> list[RaytronConfig]:
+    """The configs of every checked point (with every layout of a layout sweep); ConfigError naming each bad
+    point and its fields otherwise."""
+    if not cfg.tune.search_space and not layouts:
+        raise ConfigError("tune.search_space: empty; a sweep needs at least one swept key (or tune.layouts: auto)")
     problems = swept_key_problems(cfg)
     if problems:
         raise ConfigError("invalid sweep:\n" + "\n".join(f"  - {problem}" for problem in problems))
     base, configs, bad = cfg.to_dict(), [], []
-    for point in checked_points(cfg):
+    points = [{**point, **layout} for point in checked_points(cfg) for layout in (layouts or [{}])]
+    for point in points:
         try:
             configs.append(trial_config(base, point, f"trial point {point}"))
         except ConfigError as error:
@@ -102,8 +111,11 @@ def validate_sweep(cfg: RaytronConfig) -> list[RaytronConfig]:
     return configs
 
 
-def param_space(cfg: RaytronConfig) -> dict[str, Any]:
-    """The search space in Ray Tune's terms, under OVERRIDES."""
+def param_space(cfg: RaytronConfig, layouts: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The search space in Ray Tune's terms, under OVERRIDES (and a layout sweep's layouts under LAYOUT)."""
     build = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
              "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
-    return {OVERRIDES: {key: build[dist.kind](list(dist.values)) for key, dist in cfg.tune.search_space.items()}}
+    space = {OVERRIDES: {key: build[dist.kind](list(dist.values)) for key, dist in cfg.tune.search_space.items()}}
+    if layouts:
+        space[LAYOUT] = tune.grid_search(list(layouts))
+    return space

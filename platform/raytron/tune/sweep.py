@@ -27,7 +27,8 @@ from raytron.train.run import training_data
 from raytron.tracking.mlflow_run import resolve_tracking_uri
 from raytron.tune.capacity import TRIAL_ACTOR_CPUS, concurrent_trials, require_hostable
 from raytron.tune.export_best import ExportBestError, export_best_trial
-from raytron.tune.space import OVERRIDES, param_space, sweep_name, validate_sweep
+from raytron.tune.layouts import layout_sweep
+from raytron.tune.space import param_space, sweep_name, trial_overrides, validate_sweep
 from raytron.tune.tracking import ChildRunStatus, best_value, find_child_run, log_sweep_results, open_parent_run
 from raytron.tune.trial import SweepContext, run_trial
 
@@ -39,6 +40,11 @@ REPORTED_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per
 EVERY_REPORT_METRICS = ("loss", "lr", "tokens_per_s", "tokens_per_s_per_worker", "tflops_per_worker",
                         "step_time_s", "data_wait_share")
 """Present in every report; the others (validation only on eval steps, MFU only on GPUs) are not."""
+
+
+EXPERIMENT_STATE_PERIOD_S = "2"
+"""How often Tune saves the experiment's state (its default, "auto", can wait minutes): a driver killed between
+two saves resumes from the older one and reruns what finished since (a finished Ray Train run returns at once)."""
 
 
 class SweepError(RuntimeError):
@@ -84,8 +90,12 @@ def check_metric(cfg: RaytronConfig) -> None:
 
 
 def run_sweep(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".raytron") -> SweepResult:
+    layouts = []
+    if cfg.tune.layouts == "auto":
+        cfg, layouts = layout_sweep(cfg)
     check_metric(cfg)
-    configs = validate_sweep(cfg)  # before anything starts: an impossible point fails here
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_STATE_PERIOD_S)
+    configs = validate_sweep(cfg, layouts)  # before anything starts: an impossible point fails here
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"storage_path": absolute_storage(cfg.train.storage_path)})})
     name, storage = sweep_name(cfg), cfg.train.storage_path
@@ -117,7 +127,7 @@ def run_sweep(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".
         limit = cfg.tune.max_concurrent_trials or concurrent_trials(configs, ray.cluster_resources())
         log.info("up to %d trials at once", limit)
         tuner = tune.Tuner(
-            trainable, param_space=param_space(cfg),
+            trainable, param_space=param_space(cfg, layouts),
             tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, num_samples=cfg.tune.num_samples,
                                         scheduler=scheduler_for(cfg, max(c.train.steps for c in configs)),
                                         max_concurrent_trials=limit),
@@ -149,7 +159,7 @@ def ranked_rows(grid, cfg: RaytronConfig, tracking_uri: str, parent_run_id: str 
         best = best_value(values, mode)
         at = steps[values.index(best)] if best is not None else None
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
-        overrides = result.config.get(OVERRIDES, {})
+        overrides = trial_overrides(result.config)
         last_step = int(max(steps)) if steps else 0
         planned = int(overrides.get("train.steps", cfg.train.steps))
         status = "FAILED" if result.error else ("FINISHED" if last_step >= planned else "KILLED")

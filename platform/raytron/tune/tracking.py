@@ -22,7 +22,7 @@ from ray.tune import Callback
 from raytron.config import RaytronConfig
 from raytron.storage import StorageError, join_url, read_bytes, write_bytes
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
-from raytron.tune.space import OVERRIDES
+from raytron.tune.space import trial_overrides
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "raytron.tune.sweep"
@@ -98,7 +98,7 @@ class ChildRunStatus(Callback):
 
     def _planned_steps(self, trial) -> int:
         # train.steps may itself be swept
-        return int(trial.config.get(OVERRIDES, {}).get("train.steps", self.default_steps))
+        return int(trial_overrides(trial.config).get("train.steps", self.default_steps))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         step = int((trial.last_result or {}).get("step", 0))

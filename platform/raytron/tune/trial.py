@@ -17,7 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raytron.train.ray_trainer import fit
 from raytron.train.run import TrainingData
-from raytron.tune.space import OVERRIDES, trial_config
+from raytron.tune.space import trial_config, trial_overrides
 from raytron.tune.tracking import ERROR_TAG, open_child_run
 
 ERROR_TAG_CHARS = 4000
@@ -39,7 +39,7 @@ class SweepContext:
 
 def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(context.base, {**config[OVERRIDES], "name": f"{context.sweep}-{trial_id}",
+    cfg = trial_config(context.base, {**trial_overrides(config), "name": f"{context.sweep}-{trial_id}",
                                       "train.storage_path": context.experiment_url}, f"trial {trial_id}")
     tracker = open_child_run(cfg, context.parent_run_id, context.sweep, trial_id) if context.parent_run_id else None
     data = context.data

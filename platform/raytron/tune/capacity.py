@@ -13,16 +13,15 @@ import math
 from typing import Mapping
 
 from raytron.config import RaytronConfig
-from raytron.train.cluster import ResourceError, ensure_resources
+from raytron.train.cluster import ResourceError, ensure_resources, worker_resources
 
 TRIAL_ACTOR_CPUS = 0.01
 RAY_DATA_RESERVE_CPUS = 1.0
 
 
-def worker_resources(cfg: RaytronConfig) -> dict[str, float]:
+def trial_resources(cfg: RaytronConfig) -> dict[str, float]:
     """What one trial's TorchTrainer workers take together."""
-    workers = cfg.world_size
-    return {"CPU": workers * cfg.resources.cpus_per_worker, "GPU": workers * cfg.resources.gpus_per_worker}
+    return {name: amount * cfg.world_size for name, amount in worker_resources(cfg).items()}
 
 
 def require_hostable(configs: list[RaytronConfig]) -> None:
@@ -39,9 +38,9 @@ def concurrent_trials(configs: list[RaytronConfig], cluster: Mapping[str, float]
     """Trials of the largest config that fit side by side, leaving room for Ray Data; at least 1."""
     fits = []
     for cfg in configs:
-        needs = worker_resources(cfg)
-        room = {"CPU": cluster.get("CPU", 0.0) - RAY_DATA_RESERVE_CPUS, "GPU": cluster.get("GPU", 0.0)}
-        fits.append(min(math.floor(room[name] / need) for name, need in needs.items() if need > 0))
+        room = {**cluster, "CPU": cluster.get("CPU", 0.0) - RAY_DATA_RESERVE_CPUS}
+        fits.append(min(math.floor(room.get(name, 0.0) / need) for name, need in trial_resources(cfg).items()
+                        if need > 0))
     return max(1, min(fits))
 
 

@@ -125,7 +125,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from raytron.tune.report import ranked_table, summary
     from raytron.tune.sweep import EXPECTED_ERRORS, run_sweep
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args)
     try:
         result = run_sweep(cfg, resume=args.resume)
     except EXPECTED_ERRORS as error:

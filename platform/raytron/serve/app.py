@@ -29,7 +29,6 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from raytron.config import TrackingConfig
-from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, chat_choice, chat_delta, completion_body, models_body, new_id,
                                     parse_request, text_choice, usage)
@@ -70,13 +69,14 @@ class OpenAIServer:
         model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_id = loaded.eos_id
+        self.chat = loaded.chat
         self.vocab_size = min(self.tokenizer.get_vocab_size(), model.cfg.vocab_size)
         limits = self.cfg.limits
         context = limits.context or model.cfg.max_position_embeddings
         self.metrics = ServeMetrics(self.cfg.model.name)
         self.engine = Engine(model, loaded.eos_id, self.tokenizer.decode,
                              EngineLimits(limits.max_batch_size, limits.max_tokens_in_flight, context), self.metrics,
-                             self.vocab_size)
+                             self.vocab_size, loaded.end_ids)
         self.created = int(time.time())
         log.info("serving %s from %s (context %d)", self.cfg.model.name, loaded.origin, context)
 
@@ -107,14 +107,16 @@ class OpenAIServer:
     @api.get("/tokenizer_info")
     async def tokenizer_info(self, request: Request) -> Response:
         return await self._answer(request, None, lambda _: tokenizer_info(self.tokenizer, self.vocab_size,
-                                                                          self.engine.limits.context))
+                                                                          self.engine.limits.context, self.chat))
 
     def _tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give either prompt or messages", "prompt", "invalid_value")
-        text = body.prompt if body.messages is None else render_chat(body.messages)
-        add_special = body.add_special_tokens is not False
-        tokens = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        if body.messages is None:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False).ids
+        else:
+            tokens = self.chat.encode(self.tokenizer, body.messages, body.add_generation_prompt is not False,
+                                      body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": self.engine.limits.context, "tokens": tokens, "token_strs": None}
 
     def _detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
@@ -214,8 +216,9 @@ class OpenAIServer:
         return completion_body(request_id, name, answers, usage(prompt_tokens, sum(d.completion_tokens for d in done)))
 
     async def _chat_completion(self, body: ChatCompletionRequest) -> Response | dict:
-        prompt = prompt_ids(render_chat(body.messages), self.tokenizer, self.vocab_size, "messages", self.eos_id)
-        choices = prepare_choices(body, [prompt], self.engine, self.cfg, self.vocab_size, "messages", TURN_STOPS)
+        prompt = prompt_ids(self.chat.encode(self.tokenizer, body.messages), self.tokenizer,
+                            self.vocab_size, "messages", self.eos_id)
+        choices = prepare_choices(body, [prompt], self.engine, self.cfg, self.vocab_size, "messages", self.chat.stops)
         request_id, name = new_id("chatcmpl"), self.cfg.model.name
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if logprobs is not None:

@@ -71,12 +71,12 @@ class GenerationWorker:
         self.source_file = source_file
         torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_actor)))
         loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri)
-        self.tokenizer, self.eos_id = loaded.tokenizer, loaded.eos_id
+        self.tokenizer, self.eos_id, self.chat = loaded.tokenizer, loaded.eos_id, loaded.chat
         self.vocab_size = min(self.tokenizer.get_vocab_size(), loaded.model.cfg.vocab_size)
         context = self.cfg.limits.context or loaded.model.cfg.max_position_embeddings
         self.engine = Engine(loaded.model, loaded.eos_id, self.tokenizer.decode,
                              EngineLimits(self.cfg.limits.max_batch_size, self.cfg.limits.max_tokens_in_flight, context),
-                             vocab_size=self.vocab_size)
+                             vocab_size=self.vocab_size, end_ids=loaded.end_ids)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -86,7 +86,6 @@ class GenerationWorker:
         return await asyncio.gather(*(self._complete(row) for row in rows))
 
     async def _complete(self, row: dict) -> dict:
-        from raytron.serve.chat_template import TURN_STOPS, render_chat
         from raytron.serve.prepare import prepare_choices, prompt_ids
         from raytron.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_request
 
@@ -95,9 +94,9 @@ class GenerationWorker:
         try:
             if "messages" in body:
                 request = parse_request(ChatCompletionRequest, body)
-                ids = [prompt_ids(render_chat(request.messages), self.tokenizer, self.vocab_size, "messages",
-                                  self.eos_id)]
-                stops = TURN_STOPS
+                ids = [prompt_ids(self.chat.encode(self.tokenizer, request.messages),
+                                  self.tokenizer, self.vocab_size, "messages", self.eos_id)]
+                stops = self.chat.stops
             else:
                 request = parse_request(CompletionRequest, body)
                 ids = [prompt_ids(p, self.tokenizer, self.vocab_size, "prompt", self.eos_id) for p in request.prompts()]

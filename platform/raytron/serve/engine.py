@@ -35,7 +35,7 @@ import math
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import torch
@@ -145,7 +145,8 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
 
 class Engine:
     def __init__(self, model: GPT, eos_id: int | None, decode: Callable[[list[int]], str], limits: EngineLimits,
-                 metrics: ServeMetrics | None = None, vocab_size: int | None = None):
+                 metrics: ServeMetrics | None = None, vocab_size: int | None = None,
+                 end_ids: frozenset[int] = frozenset()):
         if limits.context > model.cfg.max_position_embeddings:
             raise ValueError(f"limits.context: {limits.context} exceeds the model's max_position_embeddings "
                              f"({model.cfg.max_position_embeddings})")
@@ -153,6 +154,8 @@ class Engine:
         self.vocab_size = min(vocab_size or model.cfg.vocab_size, model.cfg.vocab_size)
         """The true vocabulary (the tokenizer's): log-probabilities are over these tokens only."""
         self.eos_id = eos_id
+        self.end_ids = end_ids - {eos_id}
+        """Further ids that end generation as EOS does (the EOS set, the chat's end-of-turn token)."""
         self.decode = decode
         self.limits = limits
         self.metrics = metrics
@@ -195,6 +198,9 @@ class Engine:
         consumer) cancels the request."""
         if not prompt:
             raise ValueError("prompt: needs at least one token")
+        if params is not None and self.end_ids and not params.ignore_eos:
+            # as stop token ids they end the sequence like EOS and min_tokens holds them off like EOS
+            params = replace(params, stop_token_ids=tuple(sorted(set(params.stop_token_ids) | self.end_ids)))
         request = _Request(prompt, params, interval_s, logprobs, echo)
         self.check(len(prompt), request.state.params.max_new_tokens)
         self._start()

@@ -5,12 +5,15 @@
 - a training checkpoint folder (``meta.json``): consolidated from any (dp, pp, tp) layout;
 - an exported Hugging Face folder (``config.json`` with raytron's model config).
 
-The tokenizer always comes from the same artifacts (``tokenizer.json`` beside the weights).
+The tokenizer always comes from the same artifacts (``tokenizer.json`` beside the weights), and so
+do the chat format (``tokenizer_config.json``'s ``chat_template``) and the EOS set
+(``generation_config.json``'s ``eos_token_id``, one id or a list).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -19,6 +22,9 @@ from raytron.config import TrackingConfig
 from raytron.data.tokenizer import TOKENIZER_FILE, load_tokenizer, special_token_ids
 from raytron.export.huggingface import load_huggingface
 from raytron.model.gpt import GPT, to_decode_layout
+from raytron.serve.chat_template import PARAGRAPHS, ChatFormat, chat_format, read_tokenizer_config
+
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 MODEL_URI_PREFIX = "models:/"
 
@@ -36,6 +42,10 @@ class LoadedModel:
     """End-of-text id (generation stops there); None when the tokenizer has no such token."""
     origin: str
     """Where it was read from: the local folder (after any download)."""
+    chat: ChatFormat = PARAGRAPHS
+    """How chat messages become the prompt (the folder's own template, else the paragraphs)."""
+    end_ids: frozenset[int] = field(default_factory=frozenset)
+    """Every id that ends generation as EOS does: the EOS set and the chat's end-of-turn token."""
 
 
 def check_source(source: str, tracking_uri: str | None = None) -> None:
@@ -89,4 +99,24 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "cpu"
     tokenizer = load_tokenizer(folder)
     if device == "cpu":  # (in, out) weights: same logits, faster small-batch decode on CPU (slower on an H100)
         model = to_decode_layout(model)
-    return LoadedModel(model.to(device), tokenizer, special_token_ids(tokenizer).eos, str(folder))
+    eos = special_token_ids(tokenizer).eos
+    chat = chat_format(folder, tokenizer)
+    return LoadedModel(model.to(device), tokenizer, eos, str(folder), chat,
+                       eos_set(folder, tokenizer, eos) | chat.end_ids)
+
+
+def eos_set(folder: Path, tokenizer: Tokenizer, eos: int | None) -> frozenset[int]:
+    """generation_config.json's eos_token_id (an int or a list), tokenizer_config.json's eos_token and
+    the tokenizer's own EOS: a model tuned for chat often ends turns with one and texts with another."""
+    ids = {eos} if eos is not None else set()
+    path = folder / GENERATION_CONFIG_FILE
+    if path.is_file():
+        listed = json.loads(path.read_text()).get("eos_token_id")
+        if listed is not None and not isinstance(listed, (int, list)):
+            raise ModelSourceError(f"{path}: eos_token_id must be an int or a list of ints, not {listed!r}")
+        ids |= {listed} if isinstance(listed, int) else set(listed or ())
+    token = read_tokenizer_config(folder).get("eos_token")
+    text = token.get("content") if isinstance(token, dict) else token
+    if isinstance(text, str) and tokenizer.token_to_id(text) is not None:
+        ids.add(tokenizer.token_to_id(text))
+    return frozenset(ids)

@@ -175,7 +175,7 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool | None = None
     """Let the tokenizer add its special tokens (default: as completions do, yes)."""
     add_generation_prompt: bool | None = None
-    """Accepted (vLLM's); the chat template always opens the assistant's turn."""
+    """Open the assistant's turn (default yes); the paragraphs format always opens it."""
 
 
 class DetokenizeRequest(BaseModel):

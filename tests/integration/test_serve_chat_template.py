@@ -1,13 +1,17 @@
 """A served folder with its own chat template (ChatML, with real added special tokens): the server
 renders chats exactly as transformers' apply_chat_template does, and the template's end-of-turn
-token ends generation with finish_reason "stop"."""
+token ends generation with finish_reason "stop". While that replica then idles, its running batch size
+stays in Ray's metrics export (the agent drops a gauge not set within 20 s)."""
 
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 
 import openai
 import pytest
+import ray
 from ray import serve
 from transformers import AutoTokenizer
 
@@ -17,7 +21,7 @@ from raytron.export.huggingface import export_huggingface
 from raytron.model.gpt import build_model
 from raytron.serve.app import run_app
 from raytron.serve.settings import build_serve_config
-from tests.integration.test_serve_api import API_KEY, MODEL_NAME, TEXTS, request, serve_config
+from tests.integration.test_serve_api import API_KEY, MODEL_NAME, TEXTS, request, serve_config, wait_for
 from tests.servers import free_port
 
 END_OF_TURN = "<|im_end|>"
@@ -72,3 +76,16 @@ def test_end_of_turn_token_stops_a_chat_completion(chatml_served):
     assert END_OF_TURN not in reply.choices[0].message.content and reply.choices[0].message.content
     ignored = client.chat.completions.create(**steered, extra_body={"ignore_eos": True})
     assert ignored.choices[0].finish_reason == "length"
+
+
+def test_running_batch_size_stays_exported_while_the_replica_idles(chatml_served):
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def batch_size_lines():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+        return [line for line in text.splitlines() if line.startswith("ray_raytron_serve_running_batch_size{")]
+
+    wait_for(batch_size_lines, "the running batch size is exported", deadline_s=60)
+    time.sleep(30)  # idle for longer than the agent keeps a gauge value that is not set again
+    lines = batch_size_lines()
+    assert lines and all(line.endswith(" 0.0") or line.endswith(" 0") for line in lines), lines

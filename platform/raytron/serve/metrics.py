@@ -6,10 +6,28 @@ listed in README). Every series carries the label ``model`` (the served model na
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 # seconds; CPU decode steps take 10-500 ms, a queued first token can take many seconds
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+GAUGE_REFRESH_S = 5.0
+"""Ray's metrics agent drops a gauge value not set again within two export intervals (20 s; see
+train/prometheus.py): an idle replica's engine takes no steps, so its batch size is set again this often."""
+
+
+def _keep_setting(metrics: weakref.ref) -> None:
+    """Re-set the running batch size until the ServeMetrics is gone (the replica's whole life)."""
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        alive = metrics()
+        if alive is None:
+            return
+        alive.running_batch_size.set(alive.last_batch_size, tags=alive.tags)
+        del alive
 
 
 class ServeMetrics:
@@ -37,6 +55,10 @@ class ServeMetrics:
                                     boundaries=LATENCY_BOUNDARIES, tag_keys=("model",))
         self.running_batch_size = Gauge("raytron_serve_running_batch_size",
                                         description="sequences in the running batch", tag_keys=("model",))
+        self.last_batch_size = 0
+        self.running_batch_size.set(0, tags=self.tags)
+        threading.Thread(target=_keep_setting, args=(weakref.ref(self),), name="raytron-serve-gauge",
+                         daemon=True).start()
 
     def request(self) -> None:
         self.requests.inc(1, tags=self.tags)
@@ -53,6 +75,7 @@ class ServeMetrics:
         produced = len(first_token_latencies) + len(inter_token_latencies)
         if produced:
             self.generated_tokens.inc(produced, tags=self.tags)
+        self.last_batch_size = batch_size
         self.running_batch_size.set(batch_size, tags=self.tags)
 
     def logprob_request(self) -> None:

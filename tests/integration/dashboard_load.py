@@ -26,12 +26,13 @@ CLIENTS = 3
 
 def keep_streaming(base_url: str) -> None:
     """Streams one completion after another; every tenth request is a bad one (top_p > 1), as real clients
-    send now and then, so the error series exist."""
+    send now and then, so the error series exist, and another in ten asks for logprobs (their series)."""
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
     for count in itertools.count():
         try:
             for _ in client.completions.create(model=MODEL_NAME, prompt="Return the value", max_tokens=24,
-                                               stream=True, top_p=3.0 if count % 10 == 9 else 1.0):
+                                               stream=True, top_p=3.0 if count % 10 == 9 else 1.0,
+                                               logprobs=1 if count % 10 == 4 else None):
                 pass
         except openai.BadRequestError:
             pass

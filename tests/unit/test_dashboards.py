@@ -30,6 +30,9 @@ SERVE_SERIES = {
     "raytron_serve_generated_tokens_total": "counter",
     "raytron_serve_running_batch_size": "gauge",
     "raytron_serve_tp_ranks": "gauge",
+    "raytron_serve_prompt_tokens_total": "counter",
+    "raytron_serve_logprob_requests_total": "counter",
+    "raytron_serve_queue_time_seconds": "histogram",
 }
 # Ray's own series on the cluster panels (names as Ray 2.60 exports them): the autoscaler's, Serve's replicas.
 CLUSTER_SERIES = {"autoscaler_active_nodes", "autoscaler_pending_nodes", "autoscaler_pending_resources"}

@@ -2,8 +2,8 @@
 "launches" worker nodes as extra raylets of this machine (Ray's `fake_multinode` provider).
 
 Built from cluster/local-fake.yaml (the wheel lacks the example file `AutoscalingCluster` opens),
-on free ports and a temp dir of its own, and stopped by its process group: never `ray stop`, which
-would kill every Ray process on the machine. Fake nodes share one IP: tell them apart by node id.
+on free ports and a temp dir of its own, and stopped by its process group, never by name (Ray's CLI stop
+kills every Ray process on the machine). Fake nodes share one IP: tell them apart by node id.
 """
 
 from __future__ import annotations

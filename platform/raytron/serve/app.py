@@ -39,6 +39,7 @@ from raytron.serve.tokenizer_info import tokenizer_info
 from raytron.serve.metrics import ServeMetrics
 from raytron.serve.model_source import MODEL_URI_PREFIX, check_source, load_model
 from raytron.serve.settings import ServeConfig, build_serve_config, load_serve_config
+from raytron.serve.tp_group import TPGroup
 from raytron.tracking.mlflow_run import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -65,24 +66,40 @@ class OpenAIServer:
         actor = self.cfg.deployment.ray_actor_options
         torch.set_num_threads(max(1, int(actor.num_cpus)))
         device = "cuda" if actor.num_gpus > 0 else "cpu"
-        loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri, device)
+        tp, limits = self.cfg.deployment.tensor_parallel, self.cfg.limits
+        self.tp_group: TPGroup | None = None
+
+        def start_ranks(folder: Path) -> torch.nn.Module:
+            self.tp_group = TPGroup(folder, tp, limits.max_batch_size, limits.context, device, actor.num_cpus,
+                                    actor.num_gpus)
+            return self.tp_group.model
+
+        loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri, device,
+                            weights=start_ranks if tp > 1 else None)
         model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.eos_id = loaded.eos_id
         self.chat = loaded.chat
         self.vocab_size = min(self.tokenizer.get_vocab_size(), model.cfg.vocab_size)
-        limits = self.cfg.limits
         context = limits.context or model.cfg.max_position_embeddings
-        self.metrics = ServeMetrics(self.cfg.model.name)
+        self.metrics = ServeMetrics(self.cfg.model.name, tp)
         self.engine = Engine(model, loaded.eos_id, self.tokenizer.decode,
                              EngineLimits(limits.max_batch_size, limits.max_tokens_in_flight, context), self.metrics,
                              self.vocab_size, loaded.end_ids)
         self.created = int(time.time())
-        log.info("serving %s from %s (context %d)", self.cfg.model.name, loaded.origin, context)
+        log.info("serving %s from %s (context %d, tensor_parallel %d)", self.cfg.model.name, loaded.origin, context,
+                 tp)
+
+    async def check_health(self) -> None:
+        """Serve's health check: with tensor_parallel > 1 every rank must be alive, else Serve replaces
+        the replica (and with it every rank)."""
+        if self.tp_group is not None:
+            await self.tp_group.check()
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.cfg.model.name, **self.engine.stats()}
+        return {"status": "ok", "model": self.cfg.model.name,
+                "tensor_parallel": self.cfg.deployment.tensor_parallel, **self.engine.stats()}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -317,8 +334,15 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     """The Serve application for a serve config (see ``config_from_args``)."""
     cfg = pinned_to_this_machine(config_from_args(args))
     deployment = cfg.deployment
+    actor = deployment.ray_actor_options
     options: dict[str, Any] = {"max_ongoing_requests": deployment.max_ongoing_requests,
-                               "ray_actor_options": deployment.ray_actor_options.model_dump()}
+                               "ray_actor_options": actor.model_dump(),
+                               "health_check_period_s": deployment.health_check_period_s}
+    if deployment.tensor_parallel > 1:
+        # one bundle per rank, all on one node: the replica takes bundle 0, its TPRank actors the others
+        bundle = {key: amount for key, amount in (("CPU", actor.num_cpus), ("GPU", actor.num_gpus)) if amount > 0}
+        options |= {"placement_group_bundles": [bundle] * deployment.tensor_parallel,
+                    "placement_group_strategy": "STRICT_PACK"}
     if deployment.autoscaling_config is not None:
         options["autoscaling_config"] = deployment.autoscaling_config.model_dump()
     else:

@@ -27,12 +27,17 @@ def _keep_setting(metrics: weakref.ref) -> None:
         if alive is None:
             return
         alive.running_batch_size.set(alive.last_batch_size, tags=alive.tags)
+        alive.tp_ranks.set(alive.tensor_parallel, tags=alive.tags)
         del alive
 
 
 class ServeMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, tensor_parallel: int = 1):
         self.tags = {"model": model_name}
+        self.tensor_parallel = tensor_parallel
+        self.tp_ranks = Gauge("raytron_serve_tensor_parallel_ranks", description="tensor-parallel ranks per replica",
+                              tag_keys=("model",))
+        self.tp_ranks.set(tensor_parallel, tags=self.tags)
         self.requests = Counter("raytron_serve_requests_total", description="HTTP requests received",
                                 tag_keys=("model",))
         self.errors = Counter("raytron_serve_errors_total", description="requests answered with an error, by HTTP code",

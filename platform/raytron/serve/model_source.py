@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tokenizers import Tokenizer
 
@@ -76,28 +77,37 @@ def check_source(source: str, tracking_uri: str | None = None) -> None:
         raise ModelSourceError(f"model.source: {source!r} has no {TOKENIZER_FILE} beside the weights")
 
 
-def load_model(source: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Resolve ``source`` (see the module docstring) to the model on ``device`` and its tokenizer."""
+def model_folder(source: str, tracking_uri: str | None = None) -> Path:
+    """The local folder of ``source`` (a registered version is downloaded first)."""
     if source.startswith(MODEL_URI_PREFIX):
         from raytron.tracking.mlflow_run import download_model_folder  # MLflow only for registry sources
 
-        folder = download_model_folder(source, tracking_cfg=TrackingConfig(tracking_uri=tracking_uri))
+        return Path(download_model_folder(source, tracking_cfg=TrackingConfig(tracking_uri=tracking_uri)))
+    return Path(source)
+
+
+def load_model(source: str, tracking_uri: str | None = None, device: str = "cpu",
+               weights: Callable[[Path], GPT] | None = None) -> LoadedModel:
+    """Resolve ``source`` (see the module docstring) to the model on ``device`` and its tokenizer.
+    ``weights`` builds the model from the folder instead (a tensor-parallel rank's shard: kept as it is)."""
+    folder = model_folder(source, tracking_uri)
+    if weights is not None:
+        model = weights(folder)
+    elif source.startswith(MODEL_URI_PREFIX):
+        model = load_huggingface(folder)
+    elif (folder / "meta.json").is_file():
+        from raytron.export.consolidate import consolidate_checkpoint
+
+        model = consolidate_checkpoint(folder).new_model()
+    elif (folder / "config.json").is_file():
         model = load_huggingface(folder)
     else:
-        folder = Path(source)
-        if (folder / "meta.json").is_file():
-            from raytron.export.consolidate import consolidate_checkpoint
-
-            model = consolidate_checkpoint(folder).new_model()
-        elif (folder / "config.json").is_file():
-            model = load_huggingface(folder)
-        else:
-            raise ModelSourceError(f"model.source: {source!r} is neither models:/NAME/VERSION, models:/NAME@ALIAS, "
-                                   "a training checkpoint folder (meta.json) nor an exported folder (config.json)")
+        raise ModelSourceError(f"model.source: {source!r} is neither models:/NAME/VERSION, models:/NAME@ALIAS, "
+                               "a training checkpoint folder (meta.json) nor an exported folder (config.json)")
     if not (folder / TOKENIZER_FILE).is_file():
         raise ModelSourceError(f"model.source: {source!r} has no {TOKENIZER_FILE} beside the weights")
     tokenizer = load_tokenizer(folder)
-    if device == "cpu":  # (in, out) weights: same logits, faster small-batch decode on CPU (slower on an H100)
+    if device == "cpu" and weights is None:  # (in, out) weights: same logits, faster small-batch decode on CPU (slower on an H100)
         model = to_decode_layout(model)
     eos = special_token_ids(tokenizer).eos
     chat = chat_format(folder, tokenizer)

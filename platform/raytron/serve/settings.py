@@ -54,6 +54,14 @@ class Autoscaling(Section):
     """Most replicas."""
     target_ongoing_requests: float = Field(8.0, gt=0.0)
     """Ongoing requests per replica the autoscaler aims at."""
+    upscale_delay_s: float = Field(30.0, ge=0.0)
+    """How long the load must call for more replicas before Serve adds them."""
+    downscale_delay_s: float = Field(600.0, ge=0.0)
+    """How long the load must call for fewer replicas before Serve removes them."""
+    metrics_interval_s: float = Field(10.0, gt=0.0)
+    """How often each replica reports its ongoing requests to the autoscaler."""
+    look_back_period_s: float = Field(30.0, gt=0.0)
+    """The window the autoscaler averages those reports over."""
 
 
 class ActorOptions(Section):
@@ -72,6 +80,11 @@ class Deployment(Section):
     """Resources per replica."""
     max_ongoing_requests: PositiveInt = 64
     """Requests a replica accepts at once (running + waiting for a slot); Serve queues the rest."""
+    tensor_parallel: PositiveInt = 1
+    """Ranks per replica: > 1 splits the model Megatron-style over that many processes packed on one node
+    (a placement group of one ray_actor_options bundle per rank: the replica is rank 0)."""
+    health_check_period_s: float = Field(10.0, gt=0.0)
+    """How often Serve checks each replica (with tensor_parallel > 1: that every rank is alive)."""
 
 
 class Http(Section):
@@ -119,9 +132,29 @@ def _cross_field_problems(cfg: ServeConfig) -> list[str]:
     if limits.context is not None and limits.max_tokens >= limits.context:
         problems.append(f"limits.max_tokens: {limits.max_tokens} leaves no room for a prompt in limits.context "
                         f"{limits.context}")
+    actor = deployment.ray_actor_options
+    if deployment.tensor_parallel > 1 and actor.num_cpus == 0 and actor.num_gpus == 0:
+        problems.append("deployment.ray_actor_options: with tensor_parallel > 1 each rank's bundle needs num_cpus "
+                        "or num_gpus > 0")
+    if deployment.tensor_parallel > 1 and 0 < actor.num_gpus < 1:
+        problems.append(f"deployment.ray_actor_options.num_gpus: {actor.num_gpus} with tensor_parallel "
+                        f"{deployment.tensor_parallel}; each rank needs a whole GPU (nccl) or none (gloo on CPU)")
     if not cfg.http.route_prefix.startswith("/"):
         problems.append(f"http.route_prefix: must start with '/', got {cfg.http.route_prefix!r}")
     return problems
+
+
+def serve_resources(cfg: ServeConfig) -> dict[str, Any]:
+    """What a serve config occupies (``raytron info``): per replica tensor_parallel bundles of
+    ray_actor_options, times the most replicas it may run."""
+    deployment = cfg.deployment
+    tp, actor = deployment.tensor_parallel, deployment.ray_actor_options
+    scaling = deployment.autoscaling_config
+    replicas = scaling.max_replicas if scaling is not None else deployment.num_replicas or 1
+    return {"tensor_parallel": tp, "max_replicas": replicas, "processes_per_replica": tp,
+            "cpus_per_replica": tp * actor.num_cpus, "gpus_per_replica": tp * actor.num_gpus,
+            "devices": replicas * tp, "cpus": replicas * tp * actor.num_cpus,
+            "gpus": replicas * tp * actor.num_gpus}
 
 
 def _validation_problems(error: ValidationError) -> list[str]:

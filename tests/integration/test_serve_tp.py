@@ -24,7 +24,6 @@ import pytest
 import ray
 import torch
 from ray import serve
-from ray.util.state import list_actors
 
 from raytron.config import load_config
 from raytron.data.tokenizer import save_tokenizer, train_tokenizer
@@ -151,16 +150,18 @@ def test_tp2_replica_answers_like_tp1(apps):
     assert texts2 == texts1 and len(set(texts1)) == len(PROMPTS)
     np.testing.assert_allclose(logprobs2, logprobs1, atol=TOL, rtol=0)
     health = json.loads(urllib.request.urlopen(f"{apps[2]}/health", timeout=10).read())
-    assert health["tensor_parallel"] == 2
+    assert health["tensor_parallel"] == 2 and len(set(health["rank_pids"])) == 2
 
 
-def rank1_pids() -> set[int]:
-    return {actor.pid for actor in list_actors(filters=[("class_name", "=", "TPRank"), ("state", "=", "ALIVE")])}
+def rank_pids(url: str) -> list[int]:
+    """The process ids of the serving replica's ranks, rank 0 first (its /health)."""
+    return json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read())["rank_pids"]
 
 
 def test_killed_rank_fails_in_flight_requests_and_serve_replaces_the_replica(apps):
     want, _ = greedy(apps[2])
-    (victim,) = rank1_pids()  # the Rank0 probes closed theirs: only the replica's rank 1 is alive
+    first = rank_pids(apps[2])
+    victim = first[1]
     request = urllib.request.Request(
         f"{apps[2]}/v1/completions", json.dumps({"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 400,
                                                  "ignore_eos": True, "stream": True}).encode(),
@@ -177,8 +178,11 @@ def test_killed_rank_fails_in_flight_requests_and_serve_replaces_the_replica(app
     assert error["error"]["type"] == "server_error" and len(events) < 400  # ended early, with an error
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        alive = rank1_pids()
-        if alive and victim not in alive:
+        try:
+            replaced = rank_pids(apps[2])[1] != victim
+        except (urllib.error.URLError, OSError):  # no replica to answer while Serve replaces it
+            replaced = False
+        if replaced:
             try:
                 assert greedy(apps[2])[0] == want
                 return

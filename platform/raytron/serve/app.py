@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -98,8 +99,9 @@ class OpenAIServer:
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
+        pids = [os.getpid()] if self.tp_group is None else self.tp_group.pids
         return {"status": "ok", "model": self.cfg.model.name,
-                "tensor_parallel": self.cfg.deployment.tensor_parallel, **self.engine.stats()}
+                "tensor_parallel": self.cfg.deployment.tensor_parallel, "rank_pids": pids, **self.engine.stats()}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:

@@ -19,6 +19,7 @@ the workers are owned by the replica's actor and die with it.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from datetime import timedelta
@@ -97,7 +98,8 @@ class TPRank:
         self.cache = self.model.new_cache(slots, context or self.model.cfg.max_position_embeddings)
 
     def ping(self) -> int:
-        return self.topology.rank
+        """This rank's process id (the replica's /health lists them)."""
+        return os.getpid()
 
     @torch.no_grad()
     def follow(self) -> int:
@@ -133,7 +135,7 @@ class TPGroup:
             for rank in range(1, size)]
         self.topology = join_world(address, 0, size, device)
         self.model = load_rank(str(folder), self.topology, device)
-        ray.get([worker.ping.remote() for worker in self.workers])  # every shard loaded
+        self.pids = [os.getpid()] + ray.get([worker.ping.remote() for worker in self.workers])  # every shard loaded
         self.following = [worker.follow.remote() for worker in self.workers]
         self.sender = PlanSender(self.topology.data_source.group)
         self.model.register_forward_pre_hook(self.sender, with_kwargs=True)

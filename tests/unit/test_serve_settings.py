@@ -13,7 +13,7 @@ from raytron.config import ConfigError
 from raytron.serve.app import build_app
 from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.protocol import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, parse_request
-from raytron.serve.settings import build_serve_config, load_serve_config
+from raytron.serve.settings import build_serve_config, load_serve_config, serve_resources
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIGS = REPO / "jobs" / "configs" / "serve"
@@ -114,3 +114,36 @@ def test_chat_template_renders_turns_and_opens_the_assistant_turn():
                 ChatMessage(role="assistant", content="Hello."), ChatMessage(role="user", content="Why?")]
     assert render_chat(messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Why?\n\nAssistant:"
     assert "\n\nUser:" in TURN_STOPS
+
+
+def test_autoscaling_delays_reach_serve():
+    app = build_app(build_serve_config({
+        "model": {"source": "some/folder"},
+        "deployment": {"autoscaling_config": {"max_replicas": 2, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
+                                              "metrics_interval_s": 0.2, "look_back_period_s": 1.5}}}))
+    scaling = app._bound_deployment._deployment_config.autoscaling_config
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.metrics_interval_s,
+            scaling.look_back_period_s) == (0.5, 2, 0.2, 1.5)
+
+
+def test_tensor_parallel_replica_asks_for_one_packed_bundle_per_rank():
+    cfg = build_serve_config({"model": {"source": "some/folder"},
+                              "deployment": {"tensor_parallel": 4, "num_replicas": 2,
+                                             "ray_actor_options": {"num_cpus": 2, "num_gpus": 1}}})
+    deployment = build_app(cfg)._bound_deployment
+    replica = deployment._replica_config
+    assert replica.placement_group_bundles == [{"CPU": 2, "GPU": 1}] * 4
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    assert serve_resources(cfg) == {"tensor_parallel": 4, "max_replicas": 2, "processes_per_replica": 4,
+                                         "cpus_per_replica": 8, "gpus_per_replica": 4, "devices": 8, "cpus": 16,
+                                         "gpus": 8}
+    single = build_app({"model": {"source": "some/folder"}})._bound_deployment._replica_config
+    assert single.placement_group_bundles is None
+
+
+@pytest.mark.parametrize("actor, message", [({"num_cpus": 0}, "bundle needs num_cpus or num_gpus"),
+                                            ({"num_gpus": 0.5}, "each rank needs a whole GPU")])
+def test_tensor_parallel_bundles_that_cannot_work_are_refused(actor, message):
+    with pytest.raises(ConfigError, match=message):
+        build_serve_config({"model": {"source": "x"},
+                            "deployment": {"tensor_parallel": 2, "ray_actor_options": actor}})

@@ -72,6 +72,12 @@ def run_info(args: argparse.Namespace) -> None:
     from raytron.model.gpt import count_parameters
     from raytron.model.memory import memory_per_rank_bytes
 
+    raw, source = read_run_mapping(args.config, args.overrides)
+    if "source" in (raw.get("model") or {}):  # a serve config: what its replicas occupy
+        from raytron.serve.settings import build_serve_config, serve_resources
+
+        print(json.dumps(serve_resources(build_serve_config(raw, source)), indent=2))
+        return
     cfg = load_run_config(args)
     memory, breakdown = memory_per_rank_bytes(cfg)
     info = {"parameters": count_parameters(cfg.model, cfg.parallel.tp), "flops_per_token": flops_per_token(cfg),
@@ -80,7 +86,8 @@ def run_info(args: argparse.Namespace) -> None:
 
 
 def add_info(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="parameters, FLOPs per token and memory per rank as JSON")
+    parser = subparsers.add_parser("info", help="parameters, FLOPs per token and memory per rank as JSON "
+                                   "(of a serve config: the devices and CPUs its replicas take)")
     add_config_arguments(parser)
     parser.set_defaults(run=run_info)
 

@@ -3,6 +3,7 @@ the chat template. No Ray cluster: build_app only builds the application."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,13 @@ def test_tensor_parallel_bundles_that_cannot_work_are_refused(actor, message):
     with pytest.raises(ConfigError, match=message):
         build_serve_config({"model": {"source": "x"},
                             "deployment": {"tensor_parallel": 2, "ray_actor_options": actor}})
+
+
+def test_raytron_info_says_what_a_serve_config_occupies(capsys):
+    from raytron import cli
+
+    assert cli.main(["info", str(SERVE_CONFIGS / "gpt_smoke.yaml"), "--set", "deployment.tensor_parallel=2",
+                     "--set", "deployment.num_replicas=3"]) in (0, None)
+    info = json.loads(capsys.readouterr().out)
+    cpus = load_serve_config(SERVE_CONFIGS / "gpt_smoke.yaml").deployment.ray_actor_options.num_cpus
+    assert (info["devices"], info["processes_per_replica"], info["cpus"]) == (6, 2, 6 * cpus)

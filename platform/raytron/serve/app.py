@@ -83,7 +83,7 @@ class OpenAIServer:
         self.chat = loaded.chat
         self.vocab_size = min(self.tokenizer.get_vocab_size(), model.cfg.vocab_size)
         context = limits.context or model.cfg.max_position_embeddings
-        self.metrics = ServeMetrics(self.cfg.model.name, tp)
+        self.metrics = ServeMetrics(self.cfg.model.name, serve.get_replica_context().replica_id.unique_id, tp)
         self.engine = Engine(model, loaded.eos_id, self.tokenizer.decode,
                              EngineLimits(limits.max_batch_size, limits.max_tokens_in_flight, context), self.metrics,
                              self.vocab_size, loaded.end_ids)
@@ -95,7 +95,10 @@ class OpenAIServer:
         """Serve's health check: with tensor_parallel > 1 every rank must be alive, else Serve replaces
         the replica (and with it every rank)."""
         if self.tp_group is not None:
-            await self.tp_group.check()
+            alive, size = await self.tp_group.alive_ranks(), self.tp_group.size
+            self.metrics.ranks_alive(alive)
+            if alive < size:
+                raise RuntimeError(f"{size - alive} of this replica's {size} tensor-parallel ranks are dead or stopped")
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:

@@ -27,17 +27,18 @@ def _keep_setting(metrics: weakref.ref) -> None:
         if alive is None:
             return
         alive.running_batch_size.set(alive.last_batch_size, tags=alive.tags)
-        alive.tp_ranks.set(alive.tensor_parallel, tags=alive.tags)
+        alive.tp_ranks.set(alive.last_ranks_alive, tags=alive.replica_tags)
         del alive
 
 
 class ServeMetrics:
-    def __init__(self, model_name: str, tensor_parallel: int = 1):
+    def __init__(self, model_name: str, replica: str = "", tensor_parallel: int = 1):
         self.tags = {"model": model_name}
-        self.tensor_parallel = tensor_parallel
-        self.tp_ranks = Gauge("raytron_serve_tensor_parallel_ranks", description="tensor-parallel ranks per replica",
-                              tag_keys=("model",))
-        self.tp_ranks.set(tensor_parallel, tags=self.tags)
+        self.replica_tags = {**self.tags, "replica": replica}
+        self.tp_ranks = Gauge("raytron_serve_tp_ranks", description="tensor-parallel ranks alive in a replica",
+                              tag_keys=("model", "replica"))
+        self.last_ranks_alive = tensor_parallel
+        self.tp_ranks.set(tensor_parallel, tags=self.replica_tags)
         self.requests = Counter("raytron_serve_requests_total", description="HTTP requests received",
                                 tag_keys=("model",))
         self.errors = Counter("raytron_serve_errors_total", description="requests answered with an error, by HTTP code",
@@ -82,6 +83,11 @@ class ServeMetrics:
             self.generated_tokens.inc(produced, tags=self.tags)
         self.last_batch_size = batch_size
         self.running_batch_size.set(batch_size, tags=self.tags)
+
+    def ranks_alive(self, count: int) -> None:
+        """The replica's health check counted ``count`` tensor-parallel ranks answering."""
+        self.last_ranks_alive = count
+        self.tp_ranks.set(count, tags=self.replica_tags)
 
     def logprob_request(self) -> None:
         self.logprob_requests.inc(1, tags=self.tags)

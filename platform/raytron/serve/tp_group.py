@@ -12,7 +12,7 @@ and joins the logits' all-gather, so rank 0 samples from the full logits exactly
 does. A plan of ``None`` ends the loop.
 
 A rank that dies breaks the collectives: the step in progress fails (its requests end with an
-error) and ``check`` (the replica's health check) raises, so Serve replaces the whole replica;
+error) and ``alive_ranks`` (the replica's health check) counts fewer than tp, so Serve replaces the whole replica;
 the workers are owned by the replica's actor and die with it.
 """
 
@@ -144,13 +144,14 @@ class TPGroup:
     def size(self) -> int:
         return self.topology.layout.tp
 
-    async def check(self) -> None:
-        """Raise when a worker is dead or its loop ended (the replica's health check)."""
-        done, _ = ray.wait(self.following, timeout=0)
-        if done:
-            await asyncio.gather(*done)  # raises the worker's error (a dead actor included)
-            raise RuntimeError("a tensor-parallel rank stopped following rank 0")
-        await asyncio.wait_for(asyncio.gather(*(worker.ping.remote() for worker in self.workers)), PING_TIMEOUT_S)
+    async def alive_ranks(self) -> int:
+        """Ranks that answer a ping and still follow rank 0 (rank 0 included): fewer than ``size`` means
+        the group is broken (the replica's health check)."""
+        ended, _ = ray.wait(self.following, num_returns=len(self.following), timeout=0)
+        pings = await asyncio.gather(*(asyncio.wait_for(worker.ping.remote(), PING_TIMEOUT_S)
+                                       for worker in self.workers), return_exceptions=True)
+        return 1 + sum(not isinstance(ping, BaseException) and loop not in ended
+                       for ping, loop in zip(pings, self.following))
 
     def close(self) -> None:
         """End the workers' loops (they return the forwards they ran) and leave the world."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator
 
 from raytron.config_base import ConfigError, Section, apply_override, read_yaml_mapping, section_schema_rows
+from raytron.data_config import DataConfig
 from raytron.tune_config import TuneConfig
 
 VOCAB_PAD_MULTIPLE = 128
@@ -184,56 +185,6 @@ class TrainConfig(Section):
     """Export the final model to Hugging Face format and register it in MLflow."""
     data_ledger: str | None = None
     """Local folder where each DP reader appends the block ids it consumed per step (exactly-once audits)."""
-
-
-class DataConfig(Section):
-    source: str | list[str] = "demo"
-    """Corpus: 'demo' (built-in docstring corpus), or a URL / glob / prefix (local or s3://), or a list of them."""
-    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
-    """Input format; 'auto' goes by extension (.jsonl/.json[.gz], .parquet, anything else text; .gz is gunzipped)."""
-    text_field: str = "text"
-    """JSONL key / Parquet column holding each document's text (text files: one document per file)."""
-    tokenizer: str | None = None
-    """Path/URL of a tokenizer.json (its size must equal model.vocab_size); default trains one on the corpus."""
-    tokenizer_sample_bytes: PositiveInt = 20_000_000
-    """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
-    prepared: str | None = None
-    """Output URL of the prepared shards + manifest; default <train.storage_path>/prepared/<the data's fingerprint>."""
-    mode: Literal["prepared", "streaming"] = "prepared"
-    """'prepared': train from `raytron prepare` shards; 'streaming': tokenize and pack the raw corpus online."""
-    on_bad_record: Literal["fail", "skip"] = "fail"
-    """Bad JSON line, missing/empty text, non-UTF-8 bytes, empty file: 'fail' names file and line; 'skip' counts them."""
-    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    """Share of documents held out for validation (chosen by a hash of each document's text)."""
-    shuffle_seed: int = 0
-    """Seed of the per-epoch shuffle of training blocks."""
-    tokenize_actors: PositiveInt = 2
-    """Size of the Ray Data actor pool that tokenizes (each actor loads the tokenizer once)."""
-    tokenize_cpus: float = Field(0.5, gt=0.0)
-    """Ray CPUs reserved per tokenizer actor; below 1 leaves room for read tasks on small clusters."""
-    shard_blocks: PositiveInt = 8192
-    """Blocks (rows of train.seq_len + 1 tokens) per output shard file."""
-    endpoint_url: str | None = None
-    """S3 endpoint for data URLs (MinIO, R2, ...); default $AWS_ENDPOINT_URL, else AWS."""
-    region: str | None = None
-    """S3 region for data URLs; default $AWS_DEFAULT_REGION, else us-east-1."""
-    demo_corpus_bytes: PositiveInt = 3_000_000
-    """Size of the built-in docstring corpus when source is 'demo'."""
-
-    @field_validator("source")
-    @classmethod
-    def _sources_not_empty(cls, value: str | list[str]) -> str | list[str]:
-        urls = [value] if isinstance(value, str) else value
-        if not urls or any(not url.strip() for url in urls):
-            raise ValueError("needs 'demo' or at least one non-empty URL")
-        if "demo" in urls and len(urls) > 1:
-            raise ValueError("'demo' cannot be combined with other sources")
-        return value
-
-    @property
-    def sources(self) -> list[str]:
-        """``source`` as a list."""
-        return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
 class TrackingConfig(Section):

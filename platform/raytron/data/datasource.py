@@ -2,7 +2,7 @@
 
 Each read task takes a run of consecutive files (in the sorted source order) and yields
 Arrow blocks of about ``BLOCK_TEXT_BYTES`` of text with two columns: ``text`` (null for a
-bad record) and ``problem`` (null for a document). With ``preserve_order`` the blocks reach
+bad record) and ``problem`` (null for a document); SFT records add ``where`` (file:line). With ``preserve_order`` the blocks reach
 the consumer in file order, whatever the read parallelism.
 """
 
@@ -16,7 +16,9 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from raytron.data.records import read_records
+from raytron.data.sft_batch import SFT_RECORD_SCHEMA
 from raytron.data.sources import SourceFile
+from raytron.data_config import SFT_FORMATS
 from raytron.storage import filesystem_for, is_remote
 
 # Enough text per block to amortise a block's fixed costs; small enough to keep several actors busy.
@@ -42,7 +44,7 @@ class CorpusDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         return [ReadTask(self._reader(group), BlockMetadata(None, sum(f.size for f in group), None, None),
-                         schema=RECORD_SCHEMA, per_task_row_limit=per_task_row_limit)
+                         schema=block_schema(self.files), per_task_row_limit=per_task_row_limit)
                 for group in self._groups(parallelism)]
 
     def _groups(self, parallelism: int) -> list[list[SourceFile]]:
@@ -66,22 +68,29 @@ class CorpusDatasource(Datasource):
         return read
 
 
+def block_schema(files: list[SourceFile]) -> pa.Schema:
+    """Plain documents: (text, problem); SFT records (one data.format for all files): (record, where, problem)."""
+    return SFT_RECORD_SCHEMA if files and files[0].format in SFT_FORMATS else RECORD_SCHEMA
+
+
 def record_blocks(files: list[SourceFile], text_field: str,
                   filesystems: dict[str, pafs.FileSystem]) -> Iterator[pa.Table]:
-    texts: list[str | None] = []
-    problems: list[str | None] = []
+    schema = block_schema(files)
+    text_column = schema.names[0]
+    columns: dict[str, list[str | None]] = {name: [] for name in schema.names}
     size = 0
     for source in files:
         remote = is_remote(source.url)
         fs = filesystems["s3" if remote else "local"]
         path = source.url[len("s3://"):] if remote else source.url
         for record in read_records(fs, path, source.url, source.format, text_field):
-            texts.append(record.text)
-            problems.append(record.problem)
+            columns[text_column].append(record.text)
+            columns["problem"].append(record.problem)
+            if "where" in columns:
+                columns["where"].append(record.where)
             size += len(record.text or "")
             if size >= BLOCK_TEXT_BYTES:
-                yield pa.table([texts, problems], schema=RECORD_SCHEMA)
-                texts, problems, size = [], [], 0
-    if texts:
-        yield pa.table([texts, problems], schema=RECORD_SCHEMA)
-
+                yield pa.table(columns, schema=schema)
+                columns, size = {name: [] for name in schema.names}, 0
+    if columns["problem"]:
+        yield pa.table(columns, schema=schema)

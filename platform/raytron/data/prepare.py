@@ -77,6 +77,9 @@ def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: Tokenizer
                      {"trained": {"vocab_size": cfg.model.vocab_size, "sample_bytes": data.tokenizer_sample_bytes}},
         "seq_len": cfg.train.seq_len, "validation_fraction": data.validation_fraction,
         "text_field": data.text_field, "on_bad_record": data.on_bad_record, "shard_blocks": data.shard_blocks,
+        # SFT keys only for SFT formats, so the fingerprints (and folders) of pretraining data stay as they were
+        **({"sft": {"format": data.format, "train_on_prompt": data.train_on_prompt, "too_long": data.too_long,
+                    "packing": data.packing, "chat_template": data.chat_template}} if data.is_sft else {}),
     }
 
 

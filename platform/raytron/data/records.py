@@ -9,7 +9,8 @@ first in file order.
 Bad: a line that is not UTF-8 or not JSON, a JSON value that is not an object, a missing,
 null, non-string or empty text field, a file with no documents (empty file), a text file
 with non-UTF-8 bytes. Blank lines in JSONL are separators, not records. A text file is one
-document (its whole content).
+document (its whole content). SFT formats (chat, prompt_completion) yield each JSON object line
+whole, with its ``where``: the SFT encoder checks its messages and names that line.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class BadRecordError(ValueError):
 class Record:
     text: str | None
     problem: str | None = None
+    where: str | None = None
+    """``"<url>:<line>"`` of an SFT record (its problems are found later, by the encoder)."""
 
 
 def read_records(fs: pafs.FileSystem, path: str, url: str, fmt: str, text_field: str) -> Iterator[Record]:
     """Every record of one file, in file order."""
-    readers = {"jsonl": _jsonl, "parquet": _parquet, "text": _text}
+    readers = {"jsonl": _jsonl, "parquet": _parquet, "text": _text, "chat": _sft_jsonl, "prompt_completion": _sft_jsonl}
     emitted = False
     try:
         for record in readers[fmt](fs, path, url, text_field):
@@ -83,22 +86,36 @@ def _lines(fs: pafs.FileSystem, path: str) -> Iterator[bytes]:
         yield pending
 
 
-def _jsonl(fs: pafs.FileSystem, path: str, url: str, text_field: str) -> Iterator[Record]:
+def _json_objects(fs: pafs.FileSystem, path: str, url: str) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    """(line number, line text, the line's JSON object or None, problem or None) per non-blank line."""
     for number, raw in enumerate(_lines(fs, path), start=1):
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw.decode("utf-8"))
+            line = raw.decode("utf-8")
+            value = json.loads(line)
         except UnicodeDecodeError as error:
-            yield Record(None, f"{url}:{number}: not valid UTF-8 (byte {error.start})")
+            yield number, "", None, f"{url}:{number}: not valid UTF-8 (byte {error.start})"
             continue
         except ValueError as error:
-            yield Record(None, f"{url}:{number}: invalid JSON ({error})")
+            yield number, line, None, f"{url}:{number}: invalid JSON ({error})"
             continue
         if not isinstance(value, dict):
-            yield Record(None, f"{url}:{number}: a JSON {type(value).__name__}, not an object")
+            yield number, line, None, f"{url}:{number}: a JSON {type(value).__name__}, not an object"
             continue
-        yield _text_record(value.get(text_field), url, number, text_field)
+        yield number, line, value, None
+
+
+def _jsonl(fs: pafs.FileSystem, path: str, url: str, text_field: str) -> Iterator[Record]:
+    for number, _, value, problem in _json_objects(fs, path, url):
+        yield Record(None, problem) if problem else _text_record(value.get(text_field), url, number, text_field)
+
+
+def _sft_jsonl(fs: pafs.FileSystem, path: str, url: str, text_field: str) -> Iterator[Record]:
+    """SFT records (chat / prompt_completion): the whole JSON line, checked by the SFT encoder, which
+    needs ``where`` to name the line of a record whose messages are bad."""
+    for number, line, _, problem in _json_objects(fs, path, url):
+        yield Record(None, problem) if problem else Record(line, where=f"{url}:{number}")
 
 
 def _text_record(text: object, url: str, number: int, text_field: str, where: str = "") -> Record:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from raytron.data_config import SFT_FORMATS
 from raytron.data.chat_template import ChatTemplate, ChatTemplateError
 
-SFT_FORMATS = ("chat", "prompt_completion")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 LENGTH_POLICIES = ("truncate", "skip", "fail")
 

@@ -73,7 +73,7 @@ class ModelConfig(Section):
     hf_architecture: Literal["GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"] | None = None
     """Hugging Face class export writes (init_from sets it); default GPT2LMHeadModel (gpt), LlamaForCausalLM or Qwen2ForCausalLM (llama with qkv_bias)."""
     init_from: str | None = None
-    """Start from these weights: a Hugging Face folder (config.json + safetensors) or a raytron checkpoint; model.* come from its config."""
+    """Start from these weights (no random init): a Hugging Face folder (config.json + safetensors), an s3:// prefix of one (fetched once per node), models:/NAME/VERSION or models:/NAME@ALIAS, or a raytron checkpoint (weights only); model.* come from its config."""
 
     @property
     def ffn_size(self) -> int:

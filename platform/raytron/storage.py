@@ -7,9 +7,15 @@ same URL works against AWS and any S3-protocol server (MinIO, Ceph, R2, moto).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -111,3 +117,62 @@ def list_dirs(url: str) -> list[str]:
 def checkpoint_url(storage: str, path_inside: str) -> str:
     """A Ray checkpoint's path (inside its filesystem) back as a URL of the same kind as ``storage``."""
     return f"s3://{path_inside}" if is_remote(storage) else path_inside
+
+
+def cache_root() -> Path:
+    """Node-local cache of fetched folders: $RAYTRON_CACHE_DIR, else ~/.cache/raytron."""
+    return Path(os.environ.get("RAYTRON_CACHE_DIR") or Path.home() / ".cache" / "raytron").expanduser()
+
+
+def cached_folder(key: str, fill: Callable[[Path], None]) -> Path:
+    """The cache's folder for ``key``, filled once per node: of all processes asking at once, the one
+    that holds the lock runs ``fill(empty folder)`` and renames it into place (atomic), the others
+    wait for the lock and find it there. A failed fill leaves nothing behind."""
+    folder = cache_root() / hashlib.sha256(key.encode()).hexdigest()[:32]
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not folder.is_dir():
+            partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.partial-"))
+            try:
+                fill(partial)
+                partial.rename(folder)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def _listing(url: str, skip: tuple[str, ...]) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """Every file under a prefix but those in its top-level folders ``skip``; StorageError if none."""
+    fs, root = filesystem_for(url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot list {url}: {error}") from None
+    files = [info for info in infos if info.type == pafs.FileType.File
+             and info.path[len(root) + 1:].split("/")[0] not in skip]
+    if not files:
+        raise StorageError(f"{url}: no files there")
+    return fs, root, sorted(files, key=lambda info: info.path)
+
+
+def fetch_prefix(url: str, skip: tuple[str, ...] = ()) -> Path:
+    """An s3:// prefix's files (not those under its top-level folders ``skip``) as a node-local folder,
+    downloaded once per node. The cache key is the URL and each file's path, size and mtime: a
+    prefix whose files changed is fetched again."""
+    fs, root, files = _listing(url, skip)
+    key = json.dumps([url] + [(info.path, info.size, str(info.mtime)) for info in files])
+
+    def fill(folder: Path) -> None:
+        for info in files:
+            destination = folder / info.path[len(root) + 1:]
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                pafs.copy_files(info.path, str(destination), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            except (OSError, pa.ArrowException) as error:
+                raise StorageError(f"cannot fetch s3://{info.path}: {error}") from None
+
+    return cached_folder(key, fill)

@@ -24,8 +24,9 @@ from raytron.config import RaytronConfig, build_config
 from raytron.model.gpt import GPT
 from raytron.parallel.sharding import unshard
 from raytron.storage import filesystem_for, is_remote
-from raytron.train.checkpoint import META_FILE, MODEL_DIR, TOKENIZER_FILE, CheckpointMeta, shard_file
-EXPORT_INPUTS = (MODEL_DIR, META_FILE, TOKENIZER_FILE)
+from raytron.train.checkpoint import META_FILE, MODEL_DIR, MODEL_FILES, TOKENIZER_FILE, CheckpointMeta, shard_file
+
+EXPORT_INPUTS = (MODEL_DIR, META_FILE, *MODEL_FILES)
 """What export reads from a checkpoint; the rest (engine, optimizer, RNG) stays where it is."""
 
 
@@ -63,7 +64,7 @@ def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
             kind = fs.get_file_info(source).type
             if kind == pafs.FileType.Directory:
                 destination.mkdir()  # copy_files fills a folder but does not create it
-            if kind != pafs.FileType.NotFound:  # tokenizer.json is optional
+            if kind != pafs.FileType.NotFound:  # the tokenizer and the other model files are optional
                 pafs.copy_files(source, str(destination), source_filesystem=fs,
                                 destination_filesystem=pafs.LocalFileSystem())
         yield Path(tmp)

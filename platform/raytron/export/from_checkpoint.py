@@ -24,6 +24,8 @@ from raytron.tracking.mlflow_run import (CONFIG_HASH_TAG, DATA_MANIFEST_TAG, Run
 
 LINEAGE_FILE = "raytron.json"
 CHECKPOINT_STEP_TAG = "raytron.checkpoint_step"
+BASE_MODEL_TAG = "raytron.base_model"
+"""On a version fine-tuned from another model: the run's model.init_from (folder, s3://, models:/ or checkpoint)."""
 NO_MANIFEST = "none"
 """Data manifest hash of runs whose data had no manifest."""
 
@@ -51,7 +53,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, register: boo
         tokenizer_path = tokenizer if tokenizer.is_file() else None
         eos = special_token_ids(Tokenizer.from_file(str(tokenizer))).eos if tokenizer_path else None
         out = export_huggingface(consolidated.state, out_dir, tokenizer_path, cfg=consolidated.config.model,
-                                 eos_token_id=eos)
+                                 eos_token_id=eos, model_files=folder)
     lineage = _lineage(consolidated, str(checkpoint))
     (out / LINEAGE_FILE).write_text(json.dumps({"config": consolidated.meta.config, "lineage": lineage}, indent=2)
                                     + "\n")
@@ -75,6 +77,8 @@ def _register(consolidated: ConsolidatedCheckpoint, folder: Path, lineage: dict)
     name = cfg.tracking.registered_model_name
     tags = {CONFIG_HASH_TAG: lineage["config_hash"], DATA_MANIFEST_TAG: lineage["data_manifest_hash"],
             CHECKPOINT_STEP_TAG: str(lineage["checkpoint_step"])}
+    if lineage["base_model"]:
+        tags[BASE_MODEL_TAG] = lineage["base_model"]
     try:
         if lineage["mlflow_run_id"] is not None:
             return register_model_version(lineage["mlflow_run_id"], folder, name, tags, tracking_cfg=cfg.tracking)

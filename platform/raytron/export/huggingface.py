@@ -21,18 +21,20 @@ from raytron.config import ModelConfig
 from raytron.model.gpt import GPT
 from raytron.model.hf_config import RAYTRON_CONFIG_KEY, huggingface_config
 from raytron.model.hf_mapping import from_huggingface_state, to_huggingface_state
+from raytron.parallel.checkpoint_layout import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 
 WEIGHTS_FILE = "model.safetensors"
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def export_huggingface(model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path,
                        tokenizer_path: str | Path | None = None, *, cfg: ModelConfig | None = None,
-                       eos_token_id: int | None = None) -> Path:
+                       eos_token_id: int | None = None, model_files: str | Path | None = None) -> Path:
     """Write a folder `transformers` loads with AutoModelForCausalLM.from_pretrained.
 
     ``model`` is a TP=1 GPT, or a full (consolidated) state dict with its ``cfg``.
-    ``tokenizer_path`` is a `tokenizers` tokenizer.json, copied next to the weights."""
+    ``tokenizer_path`` is a `tokenizers` tokenizer.json, copied next to the weights.
+    ``model_files`` is a folder whose tokenizer_config.json and generation_config.json (an imported
+    model's, carried by a checkpoint) are copied as they are; default: a local ``cfg.init_from``."""
     if isinstance(model, GPT):
         if model.layers.tp_size != 1:
             raise ValueError(f"model: export needs a TP=1 model, got tp={model.layers.tp_size}; "
@@ -48,28 +50,29 @@ def export_huggingface(model: GPT | Mapping[str, torch.Tensor], out_dir: str | P
     config = huggingface_config(cfg, embedding.dtype, eos_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(to_huggingface_state(state, cfg), out / WEIGHTS_FILE, metadata={"format": "pt"})
+    if model_files is None and cfg.init_from and Path(cfg.init_from).is_dir():
+        model_files = cfg.init_from
+    # An imported model's files go with it: its tokenizer_config.json holds the special and added tokens
+    # and the chat template; generation_config.json's eos_token_id may be a list (Llama-3-Instruct's end
+    # of text and end of turn), and generation must stop on every one.
+    source = Path(model_files) if model_files is not None else None
+    for name in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
+        if source is not None and (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
     if tokenizer_path is not None:
-        _copy_tokenizer(Path(tokenizer_path), out, cfg, eos_token_id)
-    _copy_generation_config(cfg, out)
+        shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+        if not (out / TOKENIZER_CONFIG_FILE).is_file():
+            _write_tokenizer_config(Path(tokenizer_path), out, cfg, eos_token_id)
     return out
 
 
-def _copy_generation_config(cfg: ModelConfig, out: Path) -> None:
-    """An imported model's generation_config.json goes with it: its eos_token_id may be a list (e.g.
-    Llama-3-Instruct's end of text and end of turn), and generation must stop on every one."""
-    source = Path(cfg.init_from) / GENERATION_CONFIG_FILE if cfg.init_from else None
-    if source is not None and source.is_file():
-        shutil.copyfile(source, out / GENERATION_CONFIG_FILE)
-
-
-def _copy_tokenizer(tokenizer_path: Path, out: Path, cfg: ModelConfig, eos_token_id: int | None) -> None:
-    """tokenizer.json as is, and the smallest tokenizer_config.json that lets AutoTokenizer load it."""
-    shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+def _write_tokenizer_config(tokenizer_path: Path, out: Path, cfg: ModelConfig, eos_token_id: int | None) -> None:
+    """The smallest tokenizer_config.json that lets AutoTokenizer load tokenizer.json."""
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings}
     if eos_token_id is not None:
         # transformers names special tokens by their text, not their id
         tokenizer_config["eos_token"] = Tokenizer.from_file(str(tokenizer_path)).id_to_token(eos_token_id)
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def load_huggingface(folder: str | Path) -> GPT:

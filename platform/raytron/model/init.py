@@ -28,8 +28,11 @@ def parameter_generator(seed: int, name: str) -> torch.Generator:
 @torch.no_grad()
 def initialize_parameters(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: ModelConfig,
                           seed: int, layers: LayerFactory) -> None:
-    """N(0, init_std) weights, output projections N(0, init_std / sqrt(2 L)), zero biases, unit norms.
+    """N(0, init_std) weights, output projections N(0, init_std / sqrt(2 L)), zero biases, unit norms;
+    nothing with ``cfg.init_from`` (``parallel.hf_import.load_init_from`` fills them).
     ``named_parameters`` use the serial GPT's names (pipeline stages translate theirs)."""
+    if cfg.init_from is not None:  # every parameter is overwritten by the import: drawing them is wasted time
+        return
     scaled_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     for name, param in named_parameters:
         if name.endswith("bias"):

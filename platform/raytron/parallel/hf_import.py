@@ -1,8 +1,9 @@
-"""``model.init_from: <Hugging Face folder>``: the model config from its config.json, checks made
-before any worker starts, and the weights loaded into any (pp, tp) part of the model.
+"""``model.init_from``: the model config from the source, checks made before any worker starts, and
+the weights loaded into any (pp, tp) part of the model.
 
-The YAML may repeat ``model.*`` values; one that disagrees with config.json is an error naming
-both. Everything the folder's config.json decides comes from there.
+The source (``parallel/init_source.py``: a folder, s3://, models:/) is a Hugging Face folder, whose
+config.json decides the model, or a raytron checkpoint, whose meta.json does. The YAML may repeat
+``model.*`` values; one that disagrees with the source is an error naming both.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from typing import Any
 
 import torch
 
-from raytron.config import ConfigError, RaytronConfig, TrainConfig, build_config
+from raytron.config import ConfigError, RaytronConfig, TrackingConfig, TrainConfig, build_config
 from raytron.model.gpt import GPT
 from raytron.model.hf_config import HuggingFaceConfigError, disagreements, model_fields
 from raytron.model.layer_factory import LayerFactory, SerialLayers
+from raytron.parallel.checkpoint_layout import META_FILE
+from raytron.parallel.checkpoint_weights import check_checkpoint, checkpoint_model_fields, load_checkpoint_weights
 from raytron.parallel.hf_load import LoadStats, WeightFilesError, check_shapes, load_hf_weights
+from raytron.parallel.init_source import InitSourceError, is_checkpoint, local_folder, pin_registry_version
 
 CONFIG_FILE = "config.json"
 
@@ -33,23 +37,32 @@ def read_config_json(folder: str | Path) -> dict:
 
 
 def imported_fields(folder: str | Path, seq_len: int) -> dict[str, Any]:
-    """ModelConfig fields the folder's config.json decides."""
+    """ModelConfig fields a (local) Hugging Face folder's config.json or a checkpoint's meta.json decides."""
+    if is_checkpoint(Path(folder)):
+        return checkpoint_model_fields(Path(folder))
     return model_fields(read_config_json(folder), str(Path(folder) / CONFIG_FILE), seq_len)
+
+
+def _described_by(folder: Path) -> str:
+    return str(folder / (META_FILE if is_checkpoint(folder) else CONFIG_FILE))
 
 
 def resolve_init_from(raw: dict[str, Any], source: str = "<dict>") -> RaytronConfig:
     """Build the run config from a raw mapping, its model fields filled from ``model.init_from``'s
-    config.json; errors (ConfigError) name the disagreeing values or the unsupported key."""
+    config.json (or meta.json); a registry alias is pinned to its version here, in the driver.
+    Errors (ConfigError) name the disagreeing values or the unsupported key."""
     model = dict(raw.get("model") or {})
-    folder = model.get("init_from")
-    if not folder:
+    if not model.get("init_from"):
         return build_config(raw, source)
     seq_len = (raw.get("train") or {}).get("seq_len", TrainConfig().seq_len)
+    tracking = TrackingConfig(**{k: v for k, v in (raw.get("tracking") or {}).items() if k == "tracking_uri"})
     try:
+        model["init_from"] = pin_registry_version(model["init_from"], tracking)
+        folder = local_folder(model["init_from"], tracking)
         fields = imported_fields(folder, seq_len)
-    except HuggingFaceConfigError as error:
+    except (HuggingFaceConfigError, WeightFilesError, InitSourceError) as error:
         raise ConfigError(f"invalid config {source}:\n  - {error}") from None
-    problems = disagreements(model, fields, str(Path(folder) / CONFIG_FILE))
+    problems = disagreements(model, fields, _described_by(folder))
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
     cfg = build_config({**raw, "model": {**model, **fields}}, source)
@@ -58,25 +71,33 @@ def resolve_init_from(raw: dict[str, Any], source: str = "<dict>") -> RaytronCon
 
 
 def check_init_from(cfg: RaytronConfig) -> None:
-    """Before any worker starts: the config agrees with the folder, and the weight files are all there
-    with the shapes config.json implies (headers only). Raises ConfigError naming file and key."""
-    folder = cfg.model.init_from
-    if folder is None:
+    """Before any worker starts: the config agrees with the source, and the weight files are all there
+    with the shapes the source's config implies (headers only). Raises ConfigError naming file and key."""
+    if cfg.model.init_from is None:
         return
     try:
+        folder = local_folder(cfg.model.init_from, cfg.tracking)
         fields = imported_fields(folder, cfg.train.seq_len)
-        problems = disagreements(cfg.model.model_dump(), fields, str(Path(folder) / CONFIG_FILE))
+        problems = disagreements(cfg.model.model_dump(), fields, _described_by(folder))
         if problems:
             raise HuggingFaceConfigError("\n  - ".join(problems))
-        check_shapes(Path(folder), cfg.model)
+        if is_checkpoint(folder):
+            check_checkpoint(folder, cfg.model)
+        else:
+            check_shapes(folder, cfg.model)
     except (HuggingFaceConfigError, WeightFilesError) as error:
         raise ConfigError(f"model.init_from: {error}") from None
+    except InitSourceError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_init_from(named_parameters, cfg: RaytronConfig, layers: LayerFactory, tp_rank: int) -> LoadStats:
-    """Overwrite this rank's parameters (serial GPT names) with their part of init_from's weights."""
-    return load_hf_weights(named_parameters, cfg.model, cfg.model.init_from, layers.full_shape, tp_rank,
-                           layers.tp_size)
+    """Overwrite this rank's parameters (serial GPT names) with their part of init_from's weights
+    (fetched to this node first when remote: once per node)."""
+    folder = local_folder(cfg.model.init_from, cfg.tracking)
+    if is_checkpoint(folder):
+        return load_checkpoint_weights(named_parameters, folder, layers)
+    return load_hf_weights(named_parameters, cfg.model, folder, layers.full_shape, tp_rank, layers.tp_size)
 
 
 def load_huggingface_model(folder: str | Path, seq_len: int = 1, layers: LayerFactory | None = None,

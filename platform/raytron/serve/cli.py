@@ -99,12 +99,16 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg = with_checked_source(load_generate_config(args.config, args.overrides), "generate")
     if cfg is None:
         return 1
+    from raytron.data.records import BadRecordError
+    from raytron.serve.table import format_table
+
     connect(cfg.actors * cfg.num_cpus_per_actor)
-    summary = generate(cfg)
-    print(f"{'input':<50} {'records':>8} {'tokens':>8}  status")
-    for row in summary:
-        print(f"{row['input']:<50} {row['records'] if row['records'] is not None else '-':>8} "
-              f"{row['tokens'] if row['tokens'] is not None else '-':>8}  {row['status']}")
+    try:
+        summary = generate(cfg)
+    except BadRecordError as error:
+        print(f"raytron generate: {error}", file=sys.stderr)
+        return 1
+    print(format_table(summary, ["input", "records", "bad", "tokens", "seconds", "status"]))
     return 0
 
 

@@ -124,9 +124,11 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = with_checked_source(load_eval_config(args.config, args.overrides), "eval")
     if cfg is None:
         return 1
+    from raytron.serve.table import format_table
+
+    connect(cfg.actors * cfg.num_cpus_per_actor)
     metrics, run_id = evaluate(cfg)
-    for name, value in metrics.items():
-        print(f"{name:<16} {value:>12.4f}")
+    print(format_table([{"metric": name, "value": value} for name, value in metrics.items()], ["metric", "value"]))
     print(f"MLflow run {run_id} (experiment {cfg.experiment})")
     return 0
 

@@ -12,6 +12,7 @@ from raytron.config import ModelConfig
 from raytron.model.gpt import build_model
 from raytron.model.sampling import SamplingParams
 from raytron.serve.engine import Engine, EngineLimits
+from raytron.serve.logprob_shapes import chat_logprobs, legacy_logprobs
 from tests.unit.test_serve_engine import EOS, PROMPTS, letters
 
 VOCAB = 200
@@ -85,3 +86,23 @@ def test_echoing_and_plain_requests_in_one_step_give_the_texts_they_give_alone()
     together = run(*[(PROMPTS[i], params[i], 1, i % 2 == 0) for i in range(4)])
     alone = [run((PROMPTS[i], params[i]))[0] for i in range(4)]
     assert [d.text for d in together] == [d.text for d in alone]
+
+
+def test_logprobs_after_a_stop_string_cut_describe_only_the_returned_text():
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    (whole,) = run((PROMPTS[1], greedy, 1))
+    stop = whole.text[5:7]  # two letters in the middle: the engine generates them, then cuts
+    (cut,) = run((PROMPTS[1], SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,)), 1))
+    returned_text = cut.text
+    assert returned_text == whole.text[:whole.text.find(stop)] and len(cut.logprobs) > len(returned_text)
+
+    head = "echoed prompt "  # with echo the choice's text starts with the prompt's
+    legacy = legacy_logprobs(cut.logprobs, lambda t: letters([t]), len(head), end=len(head) + len(returned_text))
+    assert "".join(legacy["tokens"]) == returned_text
+    assert legacy["text_offset"] == list(range(len(head), len(head) + len(returned_text)))
+    assert legacy["token_logprobs"] == [e.logprob for e in whole.logprobs[:len(returned_text)]]
+    assert len(legacy["top_logprobs"]) == len(returned_text)
+    chat = chat_logprobs(cut.logprobs, lambda t: letters([t]), end=len(returned_text))
+    assert "".join(c["token"] for c in chat["content"]) == returned_text
+    # without an end nothing is cut: every generated token, the stop string's too
+    assert len(legacy_logprobs(cut.logprobs, lambda t: letters([t]))["tokens"]) == len(cut.logprobs)

@@ -5,10 +5,11 @@ Each actor holds one engine (continuous batching inside it) and turns every reco
 request the server would get: the config's ``request`` parameters, then the record's ``prompt``
 or ``messages`` (and its own ``seed`` when it has one), parsed, prepared and sampled by the very
 code the server runs (``protocol``, ``prepare``, the chat template), so a seed gives the same text
-as the server. Input files are done one by one, each into an output file of the same stem; a file
-whose output exists is skipped, so a rerun after a kill resumes where it stopped (outputs are
-written whole once their file is done). A record the server would refuse follows
-``on_bad_record``: 'fail' stops naming the file and record, 'skip' writes its error instead.
+as the server. Input files are done one by one, each into an output file of the same stem,
+written whole (under a temporary name, then moved) once the file is done; a file whose output
+exists is skipped, so a rerun after a kill redoes only the files that had no output. A record the
+server would refuse, or a line that is no JSON object, follows ``on_bad_record``: 'fail' stops
+naming the file and line (nothing of that file is written), 'skip' writes its error instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
@@ -25,9 +28,12 @@ import pyarrow.parquet as pq
 from pydantic import Field, PositiveInt
 
 from raytron.config import Section
+from raytron.data.records import BadRecordError
+from raytron.serve.generate_source import SCHEMA, GenerateDatasource
 from raytron.serve.settings import Limits, ModelSource, SamplingDefaults, ServeConfig, load_section
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
+PARTIAL_SUFFIX = ".partial"
 
 
 class GenerateConfig(Section):
@@ -60,7 +66,7 @@ def load_generate_config(path: str, overrides: list[str] = ()) -> GenerateConfig
 class GenerationWorker:
     """One engine in a Ray Data actor; ``__call__`` completes a batch of records (pyarrow)."""
 
-    def __init__(self, config: dict[str, Any], source_file: str):
+    def __init__(self, config: dict[str, Any]):
         import torch
 
         from raytron.serve.engine import Engine, EngineLimits
@@ -68,7 +74,6 @@ class GenerationWorker:
 
         self.cfg = GenerateConfig.model_validate(config)
         self.serve_cfg = ServeConfig(model=self.cfg.model, limits=self.cfg.limits, sampling=self.cfg.sampling)
-        self.source_file = source_file
         torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_actor)))
         loaded = load_model(self.cfg.model.source, self.cfg.model.tracking_uri)
         self.tokenizer, self.eos_id, self.chat = loaded.tokenizer, loaded.eos_id, loaded.chat
@@ -79,16 +84,23 @@ class GenerationWorker:
                              vocab_size=self.vocab_size, end_ids=loaded.end_ids)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        return pa.Table.from_pylist(asyncio.run(self._complete_all(rows)))
+        """A block of (record, where, problem) -> one column ``row``: each output row as JSON text
+        (records differ in their fields, so no Arrow schema would fit them all)."""
+        rows = [self._prepare(*entry) for entry in zip(*(batch.column(n).to_pylist() for n in SCHEMA.names))]
+        if self.cfg.on_bad_record == "fail" and any(isinstance(r, dict) for r in rows):
+            rows = [r for r in rows if isinstance(r, dict)]  # the driver stops at the first: generate nothing
+        done = asyncio.run(self._complete_all([r for r in rows if not isinstance(r, dict)]))
+        out = [r if isinstance(r, dict) else next(done) for r in rows]
+        return pa.table({"row": [json.dumps(r) for r in out]})
 
-    async def _complete_all(self, rows: list[dict]) -> list[dict]:
-        return await asyncio.gather(*(self._complete(row) for row in rows))
-
-    async def _complete(self, row: dict) -> dict:
+    def _prepare(self, record: str | None, where: str, problem: str | None) -> dict | tuple[dict, list]:
+        """The record and the engine's choices for it, or its output row with the error (a dict)."""
         from raytron.serve.prepare import prepare_choices, prompt_ids
         from raytron.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, parse_request
 
+        row = {} if record is None else json.loads(record)
+        if problem is not None:
+            return bad_row(row, problem)
         given = {key: row[key] for key in ("prompt", "messages", "seed") if row.get(key) is not None}
         body = {**self.cfg.request, **given, "model": self.cfg.model.name}
         try:
@@ -101,15 +113,23 @@ class GenerationWorker:
                 request = parse_request(CompletionRequest, body)
                 ids = [prompt_ids(p, self.tokenizer, self.vocab_size, "prompt", self.eos_id) for p in request.prompts()]
                 stops = ()
-            choices = prepare_choices(request, ids, self.engine, self.serve_cfg, self.vocab_size, "prompt", stops)
+            return row, prepare_choices(request, ids, self.engine, self.serve_cfg, self.vocab_size, "prompt", stops)
         except ApiError as error:
-            if self.cfg.on_bad_record == "fail":
-                raise ValueError(f"{self.source_file}: record {row}: {error.message}") from None
-            return {**row, "text": None, "finish_reason": None, "completion_tokens": 0, "error": error.message}
-        done = await asyncio.gather(*(self.engine.complete(c.ids, c.params) for c in choices))
-        return {**row, "text": done[0].text if len(done) == 1 else None, "texts": [d.text for d in done],
-                "finish_reason": done[0].finish_reason, "completion_tokens": sum(d.completion_tokens for d in done),
-                "error": None}
+            return bad_row(row, f"{where}: {error.message}")
+
+    async def _complete_all(self, prepared: list[tuple[dict, list]]) -> Iterator[dict]:
+        """Every prepared record's output row, all in the engine at once (it batches them)."""
+        async def one(row: dict, choices: list) -> dict:
+            done = await asyncio.gather(*(self.engine.complete(c.ids, c.params) for c in choices))
+            return {**row, "text": done[0].text if len(done) == 1 else None, "texts": [d.text for d in done],
+                    "finish_reason": done[0].finish_reason,
+                    "completion_tokens": sum(d.completion_tokens for d in done), "error": None}
+        return iter(await asyncio.gather(*(one(row, choices) for row, choices in prepared)))
+
+
+def bad_row(row: dict, problem: str) -> dict:
+    """The output row of a record the server would refuse: its fields and the problem, naming where it is."""
+    return {**row, "text": None, "texts": [], "finish_reason": None, "completion_tokens": 0, "error": problem}
 
 
 def input_files(url: str) -> list[str]:
@@ -134,22 +154,40 @@ def output_for(cfg: GenerateConfig, source: str) -> str:
 
 
 def _write(cfg: GenerateConfig, url: str, rows: list[dict]) -> None:
-    from raytron.storage import write_bytes
+    """The whole output file at once, under a temporary name first and then moved into place: a
+    file at the output name is always complete (a kill mid-write leaves only the temporary)."""
+    from raytron.storage import filesystem_for, write_bytes
 
     if cfg.format == "jsonl":
         data = "".join(json.dumps(row) + "\n" for row in rows).encode()
     else:
+        names = list(dict.fromkeys(key for row in rows for key in row))  # every record's fields
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        pq.write_table(pa.Table.from_pylist([{n: row.get(n) for n in names} for row in rows]), buffer)
         data = buffer.getvalue()
-    write_bytes(url, data)
+    write_bytes(url + PARTIAL_SUFFIX, data)
+    fs, path = filesystem_for(url)
+    fs.move(path + PARTIAL_SUFFIX, path)
+
+
+def _generate_file(cfg: GenerateConfig, source: str) -> list[dict]:
+    """Every record of one input file through the actor pool, in file order."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    dataset = ray.data.read_datasource(GenerateDatasource(source)).map_batches(
+        GenerationWorker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json")},
+        batch_size=2 * cfg.limits.max_batch_size, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.num_cpus_per_actor)
+    dataset.context.enable_progress_bars = True  # the read and the pool's bars on the console
+    return [json.loads(row["row"]) for row in dataset.take_all()]
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """Generate for every input file without an output yet (Ray must be connected); one summary row
-    per input file."""
+    per input file. Under on_bad_record 'fail' the first bad record raises BadRecordError naming
+    its file and line, and that file's output is not written."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     from raytron.storage import filesystem_for
 
@@ -158,18 +196,16 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     for source in input_files(cfg.input):
         target = output_for(cfg, source)
         fs, path = filesystem_for(target)
+        entry = {"input": source, "output": target, "records": None, "bad": None, "tokens": None, "seconds": None}
         if fs.get_file_info(path).type == pafs.FileType.File:
-            summary.append({"input": source, "output": target, "records": None, "tokens": None, "status": "done before"})
+            summary.append({**entry, "status": "done before"})
             continue
-        fs_in, path_in = filesystem_for(source)
-        reader = ray.data.read_parquet if source.endswith(".parquet") else ray.data.read_json
-        dataset = reader(path_in, filesystem=fs_in).map_batches(
-            GenerationWorker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "source_file": source},
-            batch_size=2 * cfg.limits.max_batch_size, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.num_cpus_per_actor)
-        rows = dataset.take_all()
+        started = time.perf_counter()
+        rows = _generate_file(cfg, source)
+        bad = [row["error"] for row in rows if row["error"] is not None]
+        if bad and cfg.on_bad_record == "fail":
+            raise BadRecordError(f"bad input record at {bad[0]} (set on_bad_record: skip to write its error and go on)")
         _write(cfg, target, rows)
-        summary.append({"input": source, "output": target, "records": len(rows),
-                        "tokens": sum(r["completion_tokens"] for r in rows),
-                        "status": f"written ({sum(r['error'] is not None for r in rows)} bad records)"})
+        summary.append({**entry, "records": len(rows), "bad": len(bad), "tokens": sum(r["completion_tokens"] for r in rows),
+                        "seconds": time.perf_counter() - started, "status": "written"})
     return summary

@@ -79,24 +79,36 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_serve)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from raytron.serve.batch_generate import load_generate_config, run_generate as generate
-    from raytron.serve.model_source import ModelSourceError, check_source
+def with_checked_source(cfg, command: str):
+    """``cfg`` with ``model.source`` made absolute (Ray workers run elsewhere), checked before Ray
+    starts: a missing model is one line on stderr in seconds, and None comes back."""
+    from raytron.serve.model_source import MODEL_URI_PREFIX, ModelSourceError, check_source
 
-    cfg = load_generate_config(args.config, args.overrides)
-    try:  # before Ray starts: a missing model is one line in seconds
-        source = cfg.model.source if cfg.model.source.startswith("models:/") else str(Path(cfg.model.source).resolve())
+    source = cfg.model.source if cfg.model.source.startswith(MODEL_URI_PREFIX) else str(Path(cfg.model.source).resolve())
+    try:
         check_source(source, cfg.model.tracking_uri)
     except ModelSourceError as error:
+        print(f"raytron {command}: {error}", file=sys.stderr)
+        return None
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": source})})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from raytron.serve.batch_generate import load_generate_config, run_generate as generate
+
+    cfg = with_checked_source(load_generate_config(args.config, args.overrides), "generate")
+    if cfg is None:
+        return 1
+    from raytron.data.records import BadRecordError
+    from raytron.serve.table import format_table
+
+    connect(cfg.actors * cfg.num_cpus_per_actor)
+    try:
+        summary = generate(cfg)
+    except BadRecordError as error:
         print(f"raytron generate: {error}", file=sys.stderr)
         return 1
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": source})})
-    connect(cfg.actors * cfg.num_cpus_per_actor)
-    summary = generate(cfg)
-    print(f"{'input':<50} {'records':>8} {'tokens':>8}  status")
-    for row in summary:
-        print(f"{row['input']:<50} {row['records'] if row['records'] is not None else '-':>8} "
-              f"{row['tokens'] if row['tokens'] is not None else '-':>8}  {row['status']}")
+    print(format_table(summary, ["input", "records", "bad", "tokens", "seconds", "status"]))
     return 0
 
 
@@ -108,17 +120,15 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from raytron.serve.evaluate import load_eval_config, run_eval as evaluate
-    from raytron.serve.model_source import ModelSourceError, check_source
 
-    cfg = load_eval_config(args.config, args.overrides)
-    try:
-        check_source(cfg.model.source, cfg.model.tracking_uri)
-    except ModelSourceError as error:
-        print(f"raytron eval: {error}", file=sys.stderr)
+    cfg = with_checked_source(load_eval_config(args.config, args.overrides), "eval")
+    if cfg is None:
         return 1
+    from raytron.serve.table import format_table
+
+    connect(cfg.actors * cfg.num_cpus_per_actor)
     metrics, run_id = evaluate(cfg)
-    for name, value in metrics.items():
-        print(f"{name:<16} {value:>12.4f}")
+    print(format_table([{"metric": name, "value": value} for name, value in metrics.items()], ["metric", "value"]))
     print(f"MLflow run {run_id} (experiment {cfg.experiment})")
     return 0
 

@@ -10,6 +10,9 @@ quality against references, logged to MLflow as one run linked to the model.
   bytes (``accuracy_norm``, as evaluation harnesses normalise);
 - references (JSONL ``{"prompt", "reference"}``): greedy completions of ``max_tokens`` scored with
   sacrebleu's corpus BLEU and rouge-score's ROUGE-L F-measure (mean), the metrics the field reports.
+
+The driver reads and tokenizes; the forward passes, prompt scoring and generation run on a Ray Data
+actor pool (serve/eval_pool.py), each actor holding the model once.
 """
 
 from __future__ import annotations
@@ -19,14 +22,11 @@ import json
 import math
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from raytron.config import Section
+from raytron.serve.eval_pool import choice_loglik, row, score_rows
 from raytron.serve.settings import ModelSource, load_section
-
-SCORING_BATCH = 16
 
 
 class EvalConfig(Section):
@@ -46,6 +46,10 @@ class EvalConfig(Section):
     """MLflow experiment of the eval run."""
     run_name: str | None = Field(None, min_length=1)
     """MLflow run name; default eval-<model.name>."""
+    actors: PositiveInt = 1
+    """Models in the Ray Data actor pool that scores and generates."""
+    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    """CPUs per actor (also its torch threads)."""
 
 
 def load_eval_config(path: str, overrides: list[str] = ()) -> EvalConfig:
@@ -67,32 +71,12 @@ def read_records(url: str, fields: tuple[str, ...]) -> list[dict]:
     return records
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor) -> float:
-    """exp(mean cross-entropy) of blocks (N, T+1): inputs [:, :-1] predict targets [:, 1:]."""
-    total, count = 0.0, 0
-    for batch in blocks.split(SCORING_BATCH):
-        logits = model(batch[:, :-1])  # (B, T, V')
-        losses = F.cross_entropy(logits[..., :model.cfg.vocab_size].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                 reduction="sum")
-        total, count = total + losses.item(), count + batch[:, 1:].numel()
-    return math.exp(total / count)
-
-
 async def choice_logliks(engine, tokenizer, items: list[dict]) -> list[list[float]]:
-    """Summed log-likelihood of each choice's tokens after its context's, per item."""
-    async def one(context: list[int], choice: list[int]) -> float:
-        scored = await engine.complete(context + choice, None, logprobs=0, echo=True)
-        return sum(entry.logprob for entry in scored.prompt_logprobs[len(context):])
-
-    work = [[one(tokenizer.encode(item["context"]).ids, tokenizer.encode(choice).ids) for choice in item["choices"]]
-            for item in items]
-    flat = await asyncio.gather(*(c for row in work for c in row))
-    out, at = [], 0
-    for row in work:
-        out.append(list(flat[at:at + len(row)]))
-        at += len(row)
-    return out
+    """Summed log-likelihood of each choice's tokens after its context's, per item (in-process)."""
+    work = [[choice_loglik(engine, tokenizer.encode(item["context"]).ids, tokenizer.encode(choice).ids)
+             for choice in item["choices"]] for item in items]
+    flat = iter(await asyncio.gather(*(c for row in work for c in row)))
+    return [[next(flat) for _ in row] for row in work]
 
 
 def multiple_choice_scores(items: list[dict], logliks: list[list[float]]) -> dict[str, float]:
@@ -113,45 +97,68 @@ def reference_scores(hypotheses: list[str], references: list[str]) -> dict[str, 
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score, "rouge_l": sum(rouge) / len(rouge)}
 
 
-def run_eval(cfg: EvalConfig) -> tuple[dict[str, float], str | None]:
-    """Every metric the config asks for, and the MLflow run id they were logged to."""
-    from raytron.data.tokenizer import pack_documents
-    from raytron.model.sampling import SamplingParams
-    from raytron.serve.engine import Engine, EngineLimits
-    from raytron.serve.model_source import load_model
+def driver_tokenizer(cfg: EvalConfig):
+    """The model's tokenizer, in the driver (the weights stay in the actors)."""
+    from raytron.config import TrackingConfig
+    from raytron.data.tokenizer import load_tokenizer
+    from raytron.serve.model_source import MODEL_URI_PREFIX
+    from raytron.tracking.mlflow_run import download_model_folder
 
-    loaded = load_model(cfg.model.source, cfg.model.tracking_uri)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    context = model.cfg.max_position_embeddings
-    engine = Engine(model, loaded.eos_id, tokenizer.decode, EngineLimits(SCORING_BATCH, SCORING_BATCH * context, context),
-                    vocab_size=tokenizer.get_vocab_size())
-    metrics: dict[str, float] = {}
+    folder = (download_model_folder(cfg.model.source, tracking_cfg=TrackingConfig(tracking_uri=cfg.model.tracking_uri))
+              if cfg.model.source.startswith(MODEL_URI_PREFIX) else cfg.model.source)
+    return load_tokenizer(folder)
+
+
+def eval_rows(cfg: EvalConfig, tokenizer, eos_id: int | None) -> tuple[list[dict], list[dict], list[dict], int]:
+    """The actor pool's rows (eval_pool's kinds), the multiple-choice items, the reference pairs and
+    the number of perplexity targets."""
+    from raytron.data.tokenizer import pack_documents
+
+    rows: list[dict] = []
+    targets = 0
     if cfg.corpus:
         texts = [r["text"] for r in read_records(cfg.corpus, ("text",))]
-        blocks = pack_documents([tokenizer.encode(t).ids for t in texts], cfg.seq_len, loaded.eos_id or 0)
+        blocks = pack_documents([tokenizer.encode(t).ids for t in texts], cfg.seq_len, eos_id or 0)
         if not len(blocks):
             raise ValueError(f"corpus: {cfg.corpus} holds fewer than seq_len + 1 = {cfg.seq_len + 1} tokens")
-        metrics["perplexity"] = perplexity(model, torch.from_numpy(blocks).long())
+        rows += [row("block", i, block) for i, block in enumerate(blocks)]
+        targets = blocks.shape[0] * cfg.seq_len
+    items = read_records(cfg.multiple_choice, ("context", "choices", "label")) if cfg.multiple_choice else []
+    for i, item in enumerate(items):
+        context = tokenizer.encode(item["context"]).ids
+        rows += [row("choice", i, context + tokenizer.encode(c).ids, j, len(context)) for j, c in enumerate(item["choices"])]
+    pairs = read_records(cfg.references, ("prompt", "reference")) if cfg.references else []
+    rows += [row("reference", i, tokenizer.encode(p["prompt"]).ids or [eos_id or 0]) for i, p in enumerate(pairs)]
+    return rows, items, pairs, targets
 
-    async def engine_work() -> None:
-        if cfg.multiple_choice:
-            items = read_records(cfg.multiple_choice, ("context", "choices", "label"))
-            metrics.update(multiple_choice_scores(items, await choice_logliks(engine, tokenizer, items)))
-        if cfg.references:
-            pairs = read_records(cfg.references, ("prompt", "reference"))
-            greedy = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=0)
-            done = await asyncio.gather(*(engine.complete(tokenizer.encode(p["prompt"]).ids or [loaded.eos_id or 0],
-                                                          greedy) for p in pairs))
-            metrics.update(reference_scores([d.text for d in done], [p["reference"] for p in pairs]))
 
-    asyncio.run(engine_work())
-    engine.close()
+def run_eval(cfg: EvalConfig) -> tuple[dict[str, float], str | None]:
+    """Every metric the config asks for (the model work on a Ray Data actor pool: Ray must be
+    connected), and the MLflow run id they were logged to."""
+    from raytron.data.tokenizer import special_token_ids
+
+    tokenizer = driver_tokenizer(cfg)
+    rows, items, pairs, targets = eval_rows(cfg, tokenizer, special_token_ids(tokenizer).eos)
+    results = score_rows(rows, cfg.model.source, cfg.model.tracking_uri, cfg.max_tokens, cfg.actors,
+                         cfg.num_cpus_per_actor)
+    metrics: dict[str, float] = {}
+    if cfg.corpus:
+        metrics["perplexity"] = math.exp(sum(r["value"] for r in results if r["kind"] == "block") / targets)
+    if items:
+        logliks = [[0.0] * len(item["choices"]) for item in items]
+        for r in results:
+            if r["kind"] == "choice":
+                logliks[r["index"]][r["choice"]] = r["value"]
+        metrics.update(multiple_choice_scores(items, logliks))
+    if pairs:
+        texts = {r["index"]: r["text"] for r in results if r["kind"] == "reference"}
+        metrics.update(reference_scores([texts[i] for i in range(len(pairs))], [p["reference"] for p in pairs]))
     return metrics, log_eval_run(cfg, metrics)
 
 
 def log_eval_run(cfg: EvalConfig, metrics: dict[str, float]) -> str:
-    """One MLflow run holding the metrics, tagged with the model source (and its registered name and
-    version, which link it to the model version)."""
+    """One MLflow run holding the metrics, tagged with the model source; for a registered model also
+    its name, version and training run, and the version is tagged with this run's id (both ways linked)."""
     from mlflow import MlflowClient
 
     from raytron.config import TrackingConfig
@@ -171,4 +178,6 @@ def log_eval_run(cfg: EvalConfig, metrics: dict[str, float]) -> str:
     for name, value in metrics.items():
         client.log_metric(run.info.run_id, name, value)
     client.set_terminated(run.info.run_id)
+    if cfg.model.source.startswith(MODEL_URI_PREFIX):  # and the version points back at its newest eval
+        client.set_model_version_tag(version.name, version.version, "raytron.eval_run_id", run.info.run_id)
     return run.info.run_id

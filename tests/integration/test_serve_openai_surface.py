@@ -168,6 +168,20 @@ def test_penalties_and_stop_token_ids_act_through_the_server(client, local):
     assert len(at_least.logprobs.tokens) >= 3
 
 
+def test_logprobs_after_a_stop_string_describe_only_the_returned_text(client):
+    kwargs = dict(model=MODEL_NAME, prompt=TEXTS[1], max_tokens=12, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kwargs).choices[0]
+    # a stop string that first occurs inside the text, after its start: the engine generates its tokens
+    stop = next(token for token in plain.logprobs.tokens[2:] if token.strip() and plain.text.find(token) > 0)
+    kept = plain.text[:plain.text.index(stop)]
+    cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
+    assert cut.text == kept and cut.finish_reason == "stop"
+    assert cut.logprobs.tokens == plain.logprobs.tokens[:len(cut.logprobs.tokens)]
+    assert all(offset < len(kept) for offset in cut.logprobs.text_offset), "a token past the returned text"
+    assert "".join(cut.logprobs.tokens).startswith(kept) and len(cut.logprobs.tokens) < len(plain.logprobs.tokens)
+
+
 def test_seeded_batch_invariance_with_n_and_logprobs_under_16_concurrent_requests(coalescing):
     url = coalescing
     bodies = [{"model": MODEL_NAME, "prompt": TEXTS[i % 4], "max_tokens": 6 + i % 5, "temperature": 1.0,

@@ -192,10 +192,11 @@ class OpenAIServer:
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _legacy_logprobs(self, delta: Delta, echo_offset: int, offset: int) -> dict[str, Any]:
+    def _legacy_logprobs(self, delta: Delta, echo_offset: int, offset: int, end: int | None = None) -> dict[str, Any]:
         """A completion delta's logprobs in the legacy shape; with echo the prompt's entries first
-        (they carry text offsets from 0, the generated ones from ``offset``)."""
-        shape = legacy_logprobs(delta.logprobs, self._token_text, offset)
+        (they carry text offsets from 0, the generated ones from ``offset``); cut at ``end``, where the
+        returned text ends (a stop string's tokens were generated but are not returned)."""
+        shape = legacy_logprobs(delta.logprobs, self._token_text, offset, end)
         if delta.prompt_logprobs is None:
             return shape
         prompt = legacy_logprobs(delta.prompt_logprobs, self._token_text, echo_offset)
@@ -233,7 +234,7 @@ class OpenAIServer:
         answers = []
         for choice, delta in zip(choices, done):
             head = opening[choice.index]
-            lp = None if logprobs is None else self._legacy_logprobs(delta, 0, len(head))
+            lp = None if logprobs is None else self._legacy_logprobs(delta, 0, len(head), len(head) + len(delta.text))
             answers.append(text_choice(choice.index, head + delta.text, delta.finish_reason, lp))
         return completion_body(request_id, name, answers, usage(prompt_tokens, sum(d.completion_tokens for d in done)))
 
@@ -268,7 +269,7 @@ class OpenAIServer:
             return self._event_stream(events())
         done = await asyncio.gather(*(self.engine.complete(c.ids, c.params, logprobs) for c in choices))
         answers = [chat_choice(c.index, d.text, d.finish_reason,
-                               None if logprobs is None else chat_logprobs(d.logprobs, self._token_text))
+                               None if logprobs is None else chat_logprobs(d.logprobs, self._token_text, end=len(d.text)))
                    for c, d in zip(choices, done)]
         return completion_body(request_id, name, answers, usage(len(prompt), sum(d.completion_tokens for d in done)),
                                chat=True)

@@ -64,6 +64,16 @@ class Outcome:
     """Events that carried text (streamed); 1 for a whole reply."""
 
 
+def bench_model_folder(tmp: Path) -> tuple[Path, object, list[str]]:
+    """MODEL (random init) exported with a BPE tokenizer trained on the demo corpus: the folder, its
+    tokenizer and 64 validation texts to make prompts of."""
+    data = demo_data(tmp, 2_000_000, MODEL.vocab_size, 64)
+    folder = export_huggingface(build_model(MODEL.model_copy(update={"vocab_size": data.vocab_size}), seed=0),
+                                tmp / "model", data.tokenizer_path, eos_token_id=0)
+    tokenizer = load_model(str(folder)).tokenizer
+    return folder, tokenizer, [tokenizer.decode(block.tolist()) for block in data.validation_blocks[:64]]
+
+
 def workload(texts: list[str], tokenizer, requests_per_client: int) -> list[list[dict]]:
     """Per client, its requests in order: prompts of 8-64 tokens, mixed max_tokens, seeded sampling."""
     plans = []
@@ -367,11 +377,7 @@ def main() -> None:
         from ray import serve
 
         with tempfile.TemporaryDirectory() as tmp:
-            data = demo_data(Path(tmp), 2_000_000, MODEL.vocab_size, 64)
-            folder = export_huggingface(build_model(MODEL.model_copy(update={"vocab_size": data.vocab_size}), seed=0),
-                                        Path(tmp) / "model", data.tokenizer_path, eos_token_id=0)
-            tokenizer = load_model(str(folder)).tokenizer
-            texts = [tokenizer.decode(block.tolist()) for block in data.validation_blocks[:64]]
+            folder, tokenizer, texts = bench_model_folder(Path(tmp))
             plans = workload(texts, tokenizer, args.requests_per_client)
             port = 8123
             ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)

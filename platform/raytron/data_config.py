@@ -31,11 +31,11 @@ class DataConfig(Section):
     packing: bool = False
     """SFT formats only: pack whole samples into each row (no sample attends to another); false pads each to seq_len."""
     chat_template: str | None = None
-    """data.format chat only: inline Jinja (text with {{ or {%) or a template file's path/URL; default the tokenizer's (chat_template.jinja / tokenizer_config.json)."""
+    """data.format chat only: inline Jinja (has {{ or {%) or a template file's path/URL; default the tokenizer folder's."""
     text_field: str = "text"
     """JSONL key / Parquet column holding each document's text (text files: one document per file)."""
     tokenizer: str | None = None
-    """Path/URL of a tokenizer.json or of a folder holding one (SFT: with its tokenizer_config.json); default trains one on the corpus."""
+    """Path/URL of a tokenizer.json or a folder holding one (SFT reads tokenizer_config.json too); default: trained."""
     tokenizer_sample_bytes: PositiveInt = 20_000_000
     """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
     prepared: str | None = None

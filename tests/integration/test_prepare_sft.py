@@ -22,8 +22,8 @@ from raytron.data.shards import read_columns
 from raytron.data.sources import list_sources
 from raytron.data.tokenizer import load_tokenizer
 from raytron.data.tokenizer_source import load_configured
-from tests.integration.sft_data import (CHATML_TEMPLATE, chat_records, prompt_completion_records, write_chatml_tokenizer,
-                                        write_jsonl)
+from tests.integration.sft_data import (CHATML_TEMPLATE, chat_records, prompt_completion_records,
+                                        write_chatml_tokenizer, write_jsonl)
 from tests.integration.test_prepare_local import tree_bytes
 
 SEQ_LEN = 96
@@ -85,6 +85,9 @@ def test_chat_rows_are_the_encoders_samples_with_the_folders_template(ray_cluste
     sft = result.manifest.settings["sft"]
     assert sft["chat_template"] == CHATML_TEMPLATE
     assert sft["chat_template_source"] == f"{tokenizer_folder}/tokenizer_config.json"
+    # the tokenizer's special tokens and template travel with the shards
+    assert (tmp_path / "out" / "tokenizer_config.json").read_bytes() == \
+        (tokenizer_folder / "tokenizer_config.json").read_bytes()
     pad = load_tokenizer(tokenizer_folder).token_to_id("<|pad|>")
     for name, samples in expected.items():
         info, columns = result.manifest.splits[name], read_columns(result.manifest.splits[name])

@@ -4,6 +4,8 @@ Layout under the prepared URL::
 
     manifest.json                  this file
     tokenizer.json                 the tokenizer the shards were made with
+    tokenizer_config.json          SFT with a given tokenizer: its Hugging Face files, when it has them
+    chat_template.jinja                (special tokens, chat template)
     train/shard-00000.parquet      tokens: list<int32> of exactly seq_len + 1 ids; id: int64
     validation/shard-00000.parquet     (block index within the split, in prepare order);
                                    SFT adds loss_mask: list<bool> (and, packed, segments: list<int32>)

@@ -25,7 +25,8 @@ from raytron.data.shards import ShardWriter
 from raytron.data.sources import SourceFile, data_filesystem, list_sources
 from raytron.data.stream import BadRecords, document_dataset
 from raytron.data.tokenizer import TOKENIZER_FILE
-from raytron.data.tokenizer_source import TokenizerSpec, load_configured, train_on_sample
+from raytron.data.tokenizer_source import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TokenizerConfig, TokenizerSpec,
+                                          load_configured, train_on_sample)
 from raytron.storage import delete, is_remote, join_url, write_bytes
 
 
@@ -65,6 +66,7 @@ class PrepareResult:
         return rows
 
 
+TOKENIZER_CONFIG_FILES = (TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 FINGERPRINT_DIR_CHARS = 16
 """Hex digits of the fingerprint that name the default prepared folder (64 bits: no collision in practice)."""
 
@@ -113,10 +115,11 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
     existing = read_manifest(url, data.endpoint_url, data.region)
     if existing is not None and existing.fingerprint == digest:
         return PrepareResult(url, existing, True, time.monotonic() - started)
-    for name in (MANIFEST_FILE, TOKENIZER_FILE, *SPLITS):  # manifest first: from now on it is not complete
+    for name in (MANIFEST_FILE, TOKENIZER_FILE, *TOKENIZER_CONFIG_FILES, *SPLITS):  # manifest first: incomplete now
         delete(join_url(url, name), data.endpoint_url, data.region)
     tokenizer = given or train_on_sample(cfg, sources)
     write_bytes(join_url(url, TOKENIZER_FILE), tokenizer.json.encode(), data.endpoint_url, data.region)
+    _write_tokenizer_config(url, tokenizer.config, cfg)
     splits, bad = _write_splits(cfg, url, sources, tokenizer, sft)
     manifest = Manifest(fingerprint=digest, seq_len=cfg.train.seq_len, splits=splits,
                         tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
@@ -124,6 +127,14 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
                         bad_record_examples=bad.examples)
     write_manifest(url, manifest, data.endpoint_url, data.region)
     return PrepareResult(url, manifest, False, time.monotonic() - started)
+
+
+def _write_tokenizer_config(url: str, config: TokenizerConfig | None, cfg: RaytronConfig) -> None:
+    """An SFT tokenizer's Hugging Face files go next to its tokenizer.json: the special tokens and chat
+    template the samples were made with travel with the shards."""
+    for name, text in zip(TOKENIZER_CONFIG_FILES, (config.text, config.template_text) if config else ()):
+        if text:
+            write_bytes(join_url(url, name), text.encode(), cfg.data.endpoint_url, cfg.data.region)
 
 
 def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile], tokenizer: TokenizerSpec,

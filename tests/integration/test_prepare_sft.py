@@ -22,7 +22,7 @@ from raytron.data.shards import read_columns
 from raytron.data.sources import list_sources
 from raytron.data.tokenizer import load_tokenizer
 from raytron.data.tokenizer_source import load_configured
-from tests.integration.sft_data import (CHATML_TEMPLATE, chat_records, prompt_completion_records,
+from raytron.data.demo_chat import (CHATML_TEMPLATE, chat_records, prompt_completion_records,
                                         write_chatml_tokenizer, write_jsonl)
 from tests.integration.test_prepare_local import tree_bytes
 

@@ -29,11 +29,9 @@ from raytron.data.records import checked, read_records
 from raytron.data.sft_encode import record_texts, special_ids
 from raytron.data.sources import SourceFile, data_filesystem
 from raytron.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+from raytron.parallel.checkpoint_layout import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 from raytron.storage import StorageError, filesystem_for, is_remote, join_url, read_bytes
 
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-"""Where transformers 5 saves a tokenizer's chat template (it wins over tokenizer_config.json's, as there)."""
 
 
 @dataclass(frozen=True)

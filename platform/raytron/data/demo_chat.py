@@ -1,5 +1,5 @@
-"""Small supervised fine-tuning data sets made here (no downloads), for the SFT prepare tests and the
-end-to-end SFT run: arithmetic chats a tiny model can learn, in ChatML with a tokenizer folder laid
+"""Small supervised fine-tuning data sets made here (no downloads), for sft_smoke.yaml, the SFT prepare
+tests and the end-to-end SFT run: arithmetic chats a tiny model can learn, in ChatML with a tokenizer folder laid
 out as Hugging Face's (tokenizer.json + tokenizer_config.json with the chat template).
 
 The chats are deterministic for a seed: ``"What is 3 + 4?"`` -> ``"3 + 4 = 7."``, sometimes with a

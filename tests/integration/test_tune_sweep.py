@@ -25,7 +25,10 @@ def children_of(client: MlflowClient, parent_run_id: str):
     return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
-@pytest.mark.skip(reason="in its last run (17:04 UTC, load 20-98) ASHA stopped the weak last trial at step 2 as designed, but the run passed its 1200 s timeout while the first trials compiled DeepSpeed's shm op; rerun pending")
+@pytest.mark.skip(reason='not yet passed whole (issue 12). At 17:04 UTC (load 20-98) ASHA stopped trials 1 and 3 at step '
+                         '2 (the last one as designed), but the run passed its 1200 s timeout while the first pair JIT-'
+                         "compiled DeepSpeed's shm op; at 18:02 Ray's memory monitor killed the last trial's worker (node"
+                         " out of memory: other worktrees' cc1plus builds), so it ended ERROR instead of KILLED")
 def test_smoke_sweep_with_asha_tracks_parent_and_children_and_exports_the_best(ray_cluster, mlflow_server, tmp_path):
     name = f"sweep-{uuid.uuid4().hex[:6]}"
     cfg = load_config(SMOKE, [f"tune.name={name}", f"train.storage_path={tmp_path / 'runs'}", "train.steps=6",

@@ -76,7 +76,6 @@ def wait_for_finished_and_checkpointed(experiment: Path, driver: subprocess.Pope
     raise AssertionError(f"no finished + checkpointed trial pair within {KILL_DEADLINE_S} s")
 
 
-@pytest.mark.skip(reason="the fixes (sweep state records workdir + data fingerprint; kill after Ray Train recorded the checkpoint) are not yet proven by a full run")
 def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(ray_cluster, mlflow_server, tmp_path):
     name = f"resume-{uuid.uuid4().hex[:6]}"
     storage = tmp_path / "runs"

@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.fake_cluster import REPO, _pythonpath, _stop_group
-from tests.servers import HOST, free_port
 from tests.integration.test_train_parity import BASE, DP2, TOLERANCE
 
 pytestmark = pytest.mark.slow
@@ -105,17 +104,15 @@ def drive(workdir: str) -> None:
     from raytron.train.shard_source import PreparedShards
 
     work = Path(workdir)
-    port = free_port()
-    # the cluster's own processes (Ray Train's PlacementGroupCleaner) find it by address, not among every
-    # Ray instance on the machine
-    os.environ["RAY_ADDRESS"] = f"{HOST}:{port}"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "node_ip_address": HOST, "gcs_server_port": port, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
         for _ in range(2):  # each can host the whole dp=2 group
-            cluster.add_node(num_cpus=2, resources={TRAINER: 2}, node_ip_address=HOST)
+            cluster.add_node(num_cpus=2, resources={TRAINER: 2})
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+        # the cluster's own processes (Ray Train's PlacementGroupCleaner) then find it by address, not
+        # among every Ray instance on the machine
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": cluster.address}})
         shards = write_shards(work / "shards")
         runs = {}
         for name, fault in (("uninterrupted", None), ("node-loss", f"hang:1:{HANG_AFTER}:{work / 'marker'}")):

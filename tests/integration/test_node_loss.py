@@ -23,11 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from tests.fake_cluster import REPO, _pythonpath, _stop_group
+from tests.integration.conftest import parquet_shards
 from tests.integration.test_train_parity import BASE, DP2, TOLERANCE
 
 pytestmark = pytest.mark.slow
@@ -51,15 +50,7 @@ def write_shards(folder: Path) -> list[tuple[str, int]]:
     """Random blocks (vocab 512, 33 tokens) with ids, as prepared parquet shards of unequal size."""
     folder.mkdir(parents=True)
     blocks = np.random.default_rng(0).integers(0, VOCAB, (sum(SHARD_ROWS), BLOCK), dtype=np.int32)
-    shards, first = [], 0
-    for index, rows in enumerate(SHARD_ROWS):
-        table = pa.table({"tokens": pa.array(list(blocks[first:first + rows]), type=pa.list_(pa.int32())),
-                          "id": pa.array(np.arange(first, first + rows), type=pa.int64())})
-        path = folder / f"shard-{index:05d}.parquet"
-        pq.write_table(table, path)
-        shards.append((str(path), rows))
-        first += rows
-    return shards
+    return parquet_shards(folder, blocks, SHARD_ROWS)
 
 
 def registered_checkpoint(run_dir: Path) -> str | None:
@@ -72,7 +63,7 @@ def registered_checkpoint(run_dir: Path) -> str | None:
     return latest.get("checkpoint_dir_name")
 
 
-def remove_node_when_mid_run(cluster, marker: Path, run_dir: Path, outcome: dict, deadline_s: float = 240) -> None:
+def remove_node_when_mid_run(cluster, marker: Path, run_dir: Path, outcome: dict, deadline_s: float = 600) -> None:
     """Once rank 1 holds after step HANG_AFTER and checkpoint RESUMED_FROM is registered, remove the node
     rank 1 runs on. On a missed deadline, interrupt the driver (its finally stops the cluster)."""
     import _thread
@@ -163,7 +154,7 @@ def test_run_survives_losing_its_node_and_matches_an_uninterrupted_run(work):
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, cwd=REPO, start_new_session=True)
     try:
-        out, err = process.communicate(timeout=420)
+        out, err = process.communicate(timeout=1200)
     finally:
         _stop_group(process)
     assert process.returncode == 0, err[-4000:]

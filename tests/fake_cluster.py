@@ -80,7 +80,12 @@ def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2, 
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # the autoscaler's and the dashboard's metrics ports are fixed by default: other clusters here use them
-           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
+           # Ray Data's executors ask the autoscaler (request_resources, through the detached AutoscalingCoordinator)
+           # for resources that expire after 180 s; an executor a Train worker never shuts down (its process is
+           # killed at the end) leaves its request behind, and v1 keeps every node that request binpacks onto
+           # (autoscaler.py, _get_nodes_needed_for_request_resources). Expire them within a few idle timeouts.
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15"}
     # the cluster's own processes (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
     # without one they find every Ray instance on the machine and give up
     env["RAY_ADDRESS"] = address

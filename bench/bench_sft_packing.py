@@ -42,10 +42,11 @@ def run(root: Path, model: Path, chats: Path, packing: bool, steps: int, tag: st
         f"data.packing={str(packing).lower()}", "parallel.pp=1", f"train.steps={steps}", "train.eval_every=0",
         "train.checkpoint_every=0", "train.export=false", "train.log_every=1",
         f"train.storage_path={root / 'runs'}", f"tracking.tracking_uri={tracking}"]))
-    result = run_training(cfg, workdir=root)
+    run_training(cfg, workdir=root)
     client = MlflowClient(tracking)
-    run_id = client.search_runs(client.get_experiment_by_name(cfg.tracking.experiment).experiment_id,
-                                filter_string=f"tags.mlflow.runName = '{result.run_name}'")[0].info.run_id
+    # the runs go one after another: this one is the experiment's newest
+    run_id = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id
     times = [m.value for m in sorted(client.get_metric_history(run_id, "step_time_s"), key=lambda m: m.step)]
     split = _train_split(root, packing)  # the default data.prepared lies under train.storage_path by fingerprint
     return split.scored_tokens / split.rows, statistics.median(times[SKIP_STEPS:])

@@ -10,7 +10,6 @@ import torch
 from raytron.config import load_config
 from raytron.parallel.topology import Topology
 from raytron.train.batches import ArraySource, StepBatches
-from raytron.train.stream_source import StreamingCorpus
 
 CONFIG = "jobs/configs/tiny_smoke.yaml"
 STEP = ["train.seq_len=8", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
@@ -47,9 +46,3 @@ def test_a_batch_without_scored_targets_is_refused():
     tokens = np.zeros((4, 9), dtype=np.int64)
     with pytest.raises(ValueError, match="no scored tokens"):
         StepBatches(ArraySource(tokens, np.zeros((4, 9), dtype=bool)), cfg, Topology.single()).next()
-
-
-def test_streaming_refuses_sft_formats_naming_the_fields():
-    cfg = load_config(CONFIG, ["data.format=chat", "data.mode=streaming"])
-    with pytest.raises(ValueError, match="data.mode: streaming.*data.format 'chat'.*data.mode: prepared"):
-        StreamingCorpus(cfg, [], "train", "{}")

@@ -44,9 +44,6 @@ class StreamingCorpus:
     """A BlockSource over one split of the raw corpus (picklable: travels to Ray Train workers)."""
 
     def __init__(self, cfg: RaytronConfig, files: list[SourceFile], split: str, tokenizer_json: str):
-        if cfg.data.is_sft:  # the online pipeline packs plain text: it has no loss masks or segments
-            raise ValueError(f"data.mode: streaming reads plain text only; data.format {cfg.data.format!r} "
-                             "(supervised fine-tuning) needs prepared data: set data.mode: prepared")
         self.cfg = cfg
         self.files = files
         self.split = split

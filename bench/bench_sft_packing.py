@@ -28,6 +28,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from jobs.make_sft_smoke_inputs import make_inputs  # noqa: E402
 from raytron.config import load_config, read_run_mapping  # noqa: E402
+from raytron.data.manifest import read_manifest  # noqa: E402
 from raytron.parallel.hf_import import resolve_init_from  # noqa: E402
 from raytron.train.run import run_training  # noqa: E402
 
@@ -53,7 +54,6 @@ def run(root: Path, model: Path, chats: Path, packing: bool, steps: int, tag: st
 
 
 def _train_split(root: Path, packing: bool):
-    from raytron.data.manifest import read_manifest
     for folder in sorted((root / "runs" / "prepared").iterdir()):
         manifest = read_manifest(str(folder))
         if manifest and manifest.settings["sft"]["packing"] == packing:

@@ -154,4 +154,14 @@ def node_ids_alive(cluster: FakeCluster) -> list[str]:
     """Node ids of the live nodes, read by a driver process."""
     out = cluster.driver("import json, ray; ray.init(); "
                          "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))", timeout=60)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return printed_json(out.stdout)
+
+
+def printed_json(stdout: str):
+    """The last JSON line a driver printed. Ray interleaves its own lines with the driver's stdout (the
+    autoscaler's "(autoscaler +0s) Resized to 4 CPUs." can come after the script's last print), so the
+    last line is not necessarily the script's."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(("{", "[")):
+            return json.loads(line)
+    raise AssertionError(f"the driver printed no JSON line; its stdout ends:\n{stdout[-2000:]}")

@@ -6,12 +6,11 @@ timeout (known to fail here: marked xfail at that step only, with what stayed)."
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from tests.fake_cluster import fake_autoscaling_cluster, node_ids_alive
+from tests.fake_cluster import fake_autoscaling_cluster, node_ids_alive, printed_json
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_tp_run_scales_two_nodes_up_keeps_tp_groups_on_a_node_and_scales_down(tm
     with fake_autoscaling_cluster(TP_TYPE, head_cpus=2, idle_timeout_minutes=0.1) as cluster:
         done = cluster.driver(TRAIN.format(workdir=tmp_path), timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        outcome = json.loads(done.stdout.strip().splitlines()[-1])
+        outcome = printed_json(done.stdout)
         assert outcome["step"] == 3
         placement = outcome["placement"]
         nodes = placement["rank_nodes"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fake_cluster import REPO, _pythonpath, _stop_group
+from tests.fake_cluster import REPO, _pythonpath, _stop_group, printed_json
 from tests.integration.conftest import parquet_shards
 from tests.integration.test_train_parity import BASE, DP2, TOLERANCE
 
@@ -158,7 +158,7 @@ def test_run_survives_losing_its_node_and_matches_an_uninterrupted_run(work):
     finally:
         _stop_group(process)
     assert process.returncode == 0, err[-4000:]
-    runs = json.loads(out.strip().splitlines()[-1])
+    runs = printed_json(out)
     lost = runs["node-loss"]
     assert "error" not in lost, lost["error"]
     assert lost["removed"] in lost["worker_nodes"], "the node hosting rank 1 was removed"

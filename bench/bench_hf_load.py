@@ -2,11 +2,16 @@
 (real gloo processes) against `transformers.AutoModelForCausalLM.from_pretrained` of the whole model
 in one process; also raytron's own tp=1 load. Goal: peak RSS per rank / transformers' <= 0.6.
 
-Each measurement runs in a fresh process (spawned: nothing inherited). After the imports the
-process's peak-RSS mark is reset (``/proc/self/clear_refs`` 5), so "load peak" is the highest RSS
-while building and loading the model, and "above imports" subtracts what the process held before
-(torch, transformers or DeepSpeed themselves). The model is random (no download), built and saved
-here in fp32 with 100 MB shards; building it is not timed.
+Fair on both sides:
+- each measurement runs in a fresh process (spawned: nothing inherited), and every process imports
+  the same modules (torch, transformers, DeepSpeed, raytron's loader) before its peak-RSS mark is
+  reset (``/proc/self/clear_refs`` 5), so "load peak" compares like with like and "above imports"
+  is what building and loading the model adds;
+- both load fp32 (the files' dtype) and then touch every weight (a sum over each tensor, as a first
+  forward would): transformers 5 leaves its weights on the safetensors memory map, whose untouched
+  pages RSS does not count;
+- the peak is the kernel's VmHWM of the process (/proc/self/status), read after that touch.
+The model is random (no download), built and saved here with 100 MB shards; building it is not timed.
 
     .venv/bin/python bench/bench_hf_load.py            # ~2-4 minutes on 2 cores
 """
@@ -44,18 +49,35 @@ def _reset_peak() -> int:
     return _status("VmRSS")
 
 
+def _import_both_sides() -> None:
+    """What either side imports, imported by both before the mark is reset."""
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    import raytron.parallel.hf_import  # noqa: F401
+    import raytron.parallel.pipeline  # noqa: F401
+
+
+@torch.no_grad()
+def _touch(tensors) -> float:
+    """Read every element once (a lazily mapped weight is paged in, as a first forward would)."""
+    return float(sum(tensor.float().sum() for tensor in tensors))
+
+
 def _record(out: str, name: str, before: int, bytes_read: int | None) -> None:
     with open(out, "a") as sink:
-        sink.write(json.dumps({"name": name, "before": before, "peak": _status("VmHWM"),
-                               "bytes_read": bytes_read}) + "\n")
+        sink.write(json.dumps({"name": name, "before": before, "peak": _status("VmHWM"), "anon": _status("RssAnon"),
+                               "file": _status("RssFile"), "bytes_read": bytes_read}) + "\n")
 
 
 def transformers_load(folder: str, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
+    _import_both_sides()
     before = _reset_peak()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    _touch(model.parameters())
     _record(out, "transformers from_pretrained", before, None)
 
 
@@ -70,6 +92,7 @@ def raytron_rank(folder: str, pp: int, tp: int, out: str) -> None:
     from raytron.parallel.tensor_parallel import TensorParallelLayers
     from raytron.parallel.topology import Topology
 
+    _import_both_sides()
     os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = resolve_init_from({"model": {"init_from": folder}, "train": {"seq_len": 512},
@@ -85,6 +108,8 @@ def raytron_rank(folder: str, pp: int, tp: int, out: str) -> None:
         module = GPT(cfg.model, layers, cfg.padded_vocab_size)
         named = module.named_parameters()
     stats = load_init_from(named, cfg, layers, topology.tp_index)
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+    _touch(module.parameters())
     _record(out, f"raytron pp={pp} tp={tp} rank {dist.get_rank()}", before, stats.bytes_read)
 
 
@@ -148,12 +173,17 @@ def report(rows: list[dict], weights: int) -> None:
     hf_peak = sorted(row["peak"] for row in hf)[len(hf) // 2]
     hf_above = sorted(row["peak"] - row["before"] for row in hf)[len(hf) // 2]
     print(f"{'':32s} {'load peak MB':>12s} {'above imports MB':>16s} {'/ HF peak':>9s} {'/ HF above':>10s} "
-          f"{'read MB':>8s} {'read / file':>11s}")
+          f"{'anon MB':>8s} {'file MB':>8s} {'read MB':>8s} {'read / files':>12s}")
     for row in rows:
         above = row["peak"] - row["before"]
-        read = "" if row["bytes_read"] is None else f"{row['bytes_read'] / MB:8.0f} {row['bytes_read'] / weights:11.2f}"
+        read = "" if row["bytes_read"] is None else f"{row['bytes_read'] / MB:8.0f} {row['bytes_read'] / weights:12.2f}"
         print(f"{row['name']:32s} {row['peak'] / MB:12.0f} {above / MB:16.0f} {row['peak'] / hf_peak:9.2f} "
-              f"{above / hf_above:10.2f} {read}")
+              f"{above / hf_above:10.2f} {row['anon'] / MB:8.0f} {row['file'] / MB:8.0f} {read}")
+    sharded = [row for row in rows if "tp=2" in row["name"] or "pp=2" in row["name"]]
+    worst_peak = max(row["peak"] for row in sharded) / hf_peak
+    worst_above = max(row["peak"] - row["before"] for row in sharded) / hf_above
+    print(f"worst sharded rank / transformers: load peak {worst_peak:.2f}, above imports {worst_above:.2f} "
+          f"(goal <= 0.6); anon/file MB: RSS after the touch, anonymous / file-mapped pages")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,12 @@ def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2, 
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32),
            # the autoscaler's and the dashboard's metrics ports are fixed by default: other clusters here use them
-           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port())}
+           "AUTOSCALER_METRIC_PORT": str(free_port()), "DASHBOARD_METRIC_PORT": str(free_port()),
+           # Ray Data's executors ask the autoscaler (request_resources, through the detached AutoscalingCoordinator)
+           # for resources that expire after 180 s; an executor a Train worker never shuts down (its process is
+           # killed at the end) leaves its request behind, and v1 keeps every node that request binpacks onto
+           # (autoscaler.py, _get_nodes_needed_for_request_resources). Expire them within a few idle timeouts.
+           "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15"}
     # the cluster's own processes (e.g. Ray Train's PlacementGroupCleaner) look the cluster up by address;
     # without one they find every Ray instance on the machine and give up
     env["RAY_ADDRESS"] = address
@@ -149,4 +154,14 @@ def node_ids_alive(cluster: FakeCluster) -> list[str]:
     """Node ids of the live nodes, read by a driver process."""
     out = cluster.driver("import json, ray; ray.init(); "
                          "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))", timeout=60)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return printed_json(out.stdout)
+
+
+def printed_json(stdout: str):
+    """The last JSON line a driver printed. Ray interleaves its own lines with the driver's stdout (the
+    autoscaler's "(autoscaler +0s) Resized to 4 CPUs." can come after the script's last print), so the
+    last line is not necessarily the script's."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(("{", "[")):
+            return json.loads(line)
+    raise AssertionError(f"the driver printed no JSON line; its stdout ends:\n{stdout[-2000:]}")

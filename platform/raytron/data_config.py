@@ -31,11 +31,11 @@ class DataConfig(Section):
     packing: bool = False
     """SFT formats only: pack whole samples into each row (no sample attends to another); false pads each to seq_len."""
     chat_template: str | None = None
-    """data.format chat only: Jinja chat template; default the tokenizer's tokenizer_config.json chat_template."""
+    """data.format chat only: inline Jinja (has {{ or {%) or a template file's path/URL; default the tokenizer folder's."""
     text_field: str = "text"
     """JSONL key / Parquet column holding each document's text (text files: one document per file)."""
     tokenizer: str | None = None
-    """Path/URL of a tokenizer.json (its size must equal model.vocab_size); default trains one on the corpus."""
+    """Path/URL of a tokenizer.json or a folder holding one (SFT reads tokenizer_config.json too); default: trained."""
     tokenizer_sample_bytes: PositiveInt = 20_000_000
     """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
     prepared: str | None = None
@@ -77,6 +77,9 @@ class DataConfig(Section):
         if self.format in SFT_FORMATS:
             if self.format != "chat" and self.chat_template is not None:
                 raise ValueError(f"data.chat_template: only for data.format chat (got format {self.format!r})")
+            if self.mode == "streaming":  # samples are cut, packed and counted by prepare
+                raise ValueError(f"data.mode: 'streaming' reads pretraining text only; data.format {self.format!r} "
+                                 "needs data.mode: prepared")
             return self
         set_fields = [name for name, default in SFT_DEFAULTS.items() if getattr(self, name) != default]
         if set_fields:

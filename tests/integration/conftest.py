@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -26,3 +31,17 @@ def text_blocks(tmp_path_factory):
 def blocks_dataset(blocks, count: int):
     """The first ``count`` blocks as a Ray Dataset with an 'id' column (for exactly-once audits)."""
     return ray.data.from_items([{"tokens": blocks[i], "id": i} for i in range(count)])
+
+
+def parquet_shards(folder: Path, blocks: np.ndarray, shard_rows: list[int]) -> list[tuple[str, int]]:
+    """``blocks`` (rows, T+1) with their row index as 'id', as prepared-layout parquet shards of the given sizes:
+    [(path, rows), ...]."""
+    listed, first = [], 0
+    for index, rows in enumerate(shard_rows):
+        table = pa.table({"tokens": pa.array(list(blocks[first:first + rows].astype(np.int32)), type=pa.list_(pa.int32())),
+                          "id": pa.array(np.arange(first, first + rows), type=pa.int64())})
+        path = folder / f"shard-{index:05d}.parquet"
+        pq.write_table(table, path)
+        listed.append((str(path), rows))
+        first += rows
+    return listed

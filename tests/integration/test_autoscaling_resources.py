@@ -5,11 +5,10 @@ the autoscaled type satisfies is accepted, and its placement really comes up on 
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from tests.fake_cluster import fake_autoscaling_cluster
+from tests.fake_cluster import fake_autoscaling_cluster, printed_json
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def gpu_cluster():
 def check(cluster, overrides: list[str], then: str = "pass") -> tuple[dict, str]:
     done = cluster.driver(CHECK.format(overrides=overrides, then=then), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+    return printed_json(done.stdout), done.stderr
 
 
 def test_request_no_node_type_can_hold_fails_naming_the_fields(gpu_cluster):

@@ -6,12 +6,11 @@ timeout (known to fail here: marked xfail at that step only, with what stayed)."
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from tests.fake_cluster import fake_autoscaling_cluster, node_ids_alive
+from tests.fake_cluster import fake_autoscaling_cluster, node_ids_alive, printed_json
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_tp_run_scales_two_nodes_up_keeps_tp_groups_on_a_node_and_scales_down(tm
     with fake_autoscaling_cluster(TP_TYPE, head_cpus=2, idle_timeout_minutes=0.1) as cluster:
         done = cluster.driver(TRAIN.format(workdir=tmp_path), timeout=900)
         assert done.returncode == 0, done.stderr[-4000:]
-        outcome = json.loads(done.stdout.strip().splitlines()[-1])
+        outcome = printed_json(done.stdout)
         assert outcome["step"] == 3
         placement = outcome["placement"]
         nodes = placement["rank_nodes"]
@@ -51,10 +50,13 @@ def test_tp_run_scales_two_nodes_up_keeps_tp_groups_on_a_node_and_scales_down(tm
         assert placement["groups"]["tp"] == [[0, 1], [2, 3]]
         for group in placement["groups"]["tp"]:
             assert len({nodes[rank] for rank in group}) == 1, f"TP group {group} spans nodes: {nodes}"
-        deadline = time.monotonic() + 180
+        # idle timeout 6 s + the leaked-request expiry the fixture sets (15 s) + the coordinator's 20 s tick
+        deadline = time.monotonic() + 60
         while (alive := node_ids_alive(cluster)) != [outcome["head"]] and time.monotonic() < deadline:
             time.sleep(3)
         if alive != [outcome["head"]]:
-            # Seen in the one full run here (load ~30 on 2 cores): one of the two nodes stayed. Not yet
-            # explained (a detached Ray Train actor left on it?); reported, not hidden: the parts above still fail.
-            pytest.xfail(f"autoscaled nodes outlived their 6 s idle timeout by 180 s: alive {alive}")
+            # Seen here (load ~30 on 2 cores): one of the two nodes stayed past a 180 s wait. Suspected cause, read
+            # in Ray 2.60's source but not confirmed by a run: resource requests left by Ray Data executors in the
+            # killed Train workers (and Train's own, 180 s hard-coded, if its cancel times out) keep the nodes
+            # that they binpack onto. Reported, not hidden: the parts above still fail.
+            pytest.xfail(f"autoscaled nodes outlived their 6 s idle timeout by 60 s: alive {alive}")

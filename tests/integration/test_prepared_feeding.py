@@ -8,13 +8,12 @@ import json
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from raytron.config import load_config
 from raytron.train.ray_trainer import fit
 from raytron.train.shard_source import PreparedShards
+from tests.integration.conftest import parquet_shards
 from tests.integration.test_train_parity import BASE
 
 SHARD_ROWS = [10, 14, 12, 16, 12]  # 64 blocks, shards of unequal size
@@ -25,16 +24,7 @@ def shards(text_blocks, tmp_path_factory):
     """The first 64 demo blocks as parquet shards in the prepared layout: [(url, rows), ...]."""
     folder = tmp_path_factory.mktemp("prepared") / "train"
     folder.mkdir()
-    listed, first = [], 0
-    for index, rows in enumerate(SHARD_ROWS):
-        blocks = text_blocks.train_blocks[first:first + rows].astype(np.int32)  # (rows, 33)
-        table = pa.table({"tokens": pa.array(list(blocks), type=pa.list_(pa.int32())),
-                          "id": pa.array(np.arange(first, first + rows), type=pa.int64())})
-        path = folder / f"shard-{index:05d}.parquet"
-        pq.write_table(table, path)
-        listed.append((str(path), rows))
-        first += rows
-    return listed
+    return parquet_shards(folder, text_blocks.train_blocks, SHARD_ROWS)
 
 
 def epoch_ids(source: PreparedShards, epoch: int, rows: int, dp_index: int, dp: int, start: int = 0) -> list[list[int]]:

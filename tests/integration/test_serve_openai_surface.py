@@ -182,6 +182,76 @@ def test_logprobs_after_a_stop_string_describe_only_the_returned_text(client):
     assert "".join(cut.logprobs.tokens).startswith(kept) and len(cut.logprobs.tokens) < len(plain.logprobs.tokens)
 
 
+UNSEEN = "\u2603\u2603"
+"""Text the tiny model does not generate (the cut replies below show it): a stop string that ends in it
+makes the engine hold back text that matches its start, then send it."""
+
+
+def stop_on_token_boundaries(reply_for) -> tuple[int, list[str], int]:
+    """The first seed whose reply (``reply_for(seed)``: its text and token texts, joining to it) holds
+    tokens k, k+1 (k >= 2) whose text first occurs where token k starts, with a clean token before k:
+    the seed, stop strings [that clean token's text + UNSEEN, tokens k and k+1's text], and k. With
+    them the engine holds token 1 back (then sends it), holds token k back, generates k + 1 and cuts
+    before k: the reply ends with token k - 1 on a token boundary."""
+    clean = lambda text: text and "\ufffd" not in text  # a whole character (the random model makes many halves)
+    for seed in range(8):
+        text, tokens = reply_for(seed)
+        starts = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        for k in range(2, len(tokens) - 1 if "".join(tokens) == text else 0):
+            stop = tokens[k] + tokens[k + 1]
+            if clean(stop) and clean(tokens[1]) and text.find(stop) == starts[k]:
+                return seed, [tokens[1] + UNSEEN, stop], k
+    raise AssertionError("no seed in 0-7 gave a reply with a stop string on token boundaries")
+
+
+def streamed_chunks(chunks, text_of, tokens_of) -> tuple[str, list[str]]:
+    """A stream's text and its logprobs' token texts, checking that no token goes out before its text
+    starts to (a token held back with its text as a stop string's possible start)."""
+    text, tokens = "", []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += text_of(choice) or ""
+            tokens += tokens_of(choice)
+            assert not tokens or sum(map(len, tokens[:-1])) < len(text), f"token {tokens[-1]!r} ahead of its text"
+    return text, tokens
+
+
+def test_streamed_logprobs_at_a_stop_string_equal_the_plain_ones_and_join_to_the_text(client):
+    completion = dict(model=MODEL_NAME, prompt=TEXTS[1], max_tokens=24, temperature=1.0, logprobs=1,
+                      extra_body={"ignore_eos": True})
+
+    def completion_reply(seed: int, **more):
+        choice = client.completions.create(**completion, seed=seed, **more).choices[0]
+        return choice.text, choice.logprobs.tokens
+
+    seed, stops, k = stop_on_token_boundaries(completion_reply)
+    plain = client.completions.create(**completion, seed=seed, stop=stops).choices[0]
+    whole_tokens = completion_reply(seed)[1]
+    assert plain.finish_reason == "stop" and plain.logprobs.tokens == whole_tokens[:k]
+    assert plain.text == "".join(whole_tokens[:k])
+    chunks = list(client.completions.create(**completion, seed=seed, stop=stops, stream=True))
+    text, tokens = streamed_chunks(chunks, lambda c: c.text, lambda c: c.logprobs.tokens if c.logprobs else [])
+    assert text == plain.text == "".join(tokens) and tokens == plain.logprobs.tokens
+    offsets = [o for chunk in chunks for c in chunk.choices if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == plain.logprobs.text_offset
+
+    chat = dict(model=MODEL_NAME, messages=[{"role": "user", "content": TEXTS[1]}], max_tokens=24, temperature=1.0,
+                logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+
+    def chat_reply(seed: int, **more):
+        choice = client.chat.completions.create(**chat, seed=seed, **more).choices[0]
+        return choice.message.content, [entry.token for entry in choice.logprobs.content]
+
+    seed, stops, k = stop_on_token_boundaries(chat_reply)
+    whole_tokens = chat_reply(seed)[1]
+    plain_text, plain_tokens = chat_reply(seed, stop=stops)
+    assert plain_tokens == whole_tokens[:k] and plain_text == "".join(plain_tokens)
+    text, tokens = streamed_chunks(client.chat.completions.create(**chat, seed=seed, stop=stops, stream=True),
+                                   lambda c: c.delta.content,
+                                   lambda c: [entry.token for entry in c.logprobs.content] if c.logprobs else [])
+    assert text == plain_text == "".join(tokens) and tokens == plain_tokens
+
+
 def test_seeded_batch_invariance_with_n_and_logprobs_under_16_concurrent_requests(coalescing):
     url = coalescing
     bodies = [{"model": MODEL_NAME, "prompt": TEXTS[i % 4], "max_tokens": 6 + i % 5, "temperature": 1.0,

@@ -25,9 +25,10 @@ def children_of(client: MlflowClient, parent_run_id: str):
     return client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
-@pytest.mark.skip(reason="not yet passing (issue 12): in its one full run at load 10-20 (23:30 UTC) a trial's workers "
-                         "failed Ray Train's health check and ASHA stopped no trial (all 4 ran their 6 steps); three "
-                         "earlier runs at load 30-50 timed out. Skipped so CI stays green, not as a pass")
+@pytest.mark.skip(reason='not yet passed whole (issue 12). At 17:04 UTC (load 20-98) ASHA stopped trials 1 and 3 at step '
+                         '2 (the last one as designed), but the run passed its 1200 s timeout while the first pair JIT-'
+                         "compiled DeepSpeed's shm op; at 18:02 Ray's memory monitor killed the last trial's worker (node"
+                         " out of memory: other worktrees' cc1plus builds), so it ended ERROR instead of KILLED")
 def test_smoke_sweep_with_asha_tracks_parent_and_children_and_exports_the_best(ray_cluster, mlflow_server, tmp_path):
     name = f"sweep-{uuid.uuid4().hex[:6]}"
     cfg = load_config(SMOKE, [f"tune.name={name}", f"train.storage_path={tmp_path / 'runs'}", "train.steps=6",
@@ -49,8 +50,12 @@ def test_smoke_sweep_with_asha_tracks_parent_and_children_and_exports_the_best(r
         histories[trial_id] = client.get_metric_history(child.info.run_id, "loss")
         assert child.info.status == rows[trial_id]["status"]
 
+    # whatever the timing, the last trial (weak lr, 2 trials at once) meets a better median at step 2
+    in_order = [rows[trial_id] for trial_id in sorted(rows)]
+    assert [(row["train.lr"], row["train.warmup_steps"]) for row in in_order] == \
+        [(3e-3, 0), (1e-5, 0), (3e-3, 2), (1e-5, 2)]
+    assert (in_order[-1]["status"], in_order[-1]["step"]) == ("KILLED", 2)
     killed = [trial_id for trial_id, row in rows.items() if row["status"] == "KILLED"]
-    assert killed, "ASHA stopped no trial"
     for trial_id in killed:
         stopped_at = int(children[trial_id].data.tags[STOPPED_AT_TAG])
         assert stopped_at in (2, 4)  # ASHA's rungs: grace_period 2 x reduction_factor 2^k, in optimizer steps

@@ -39,6 +39,24 @@ def test_own_template_brings_its_end_of_turn_token_and_special_tokens(tmp_path, 
     assert ids[0] == tokenizer.token_to_id("<|bos|>") and ids.count(tokenizer.token_to_id("<|eot_id|>")) == 1
 
 
+def test_transformers_saved_folder_serves_its_chat_template_jinja(tmp_path, tokenizer):
+    """transformers 5 saves the template as chat_template.jinja, not in tokenizer_config.json; served chats
+    must be rendered with it, as apply_chat_template renders them."""
+    from transformers import PreTrainedTokenizerFast
+
+    saved = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|bos|>", eos_token="<|eot_id|>")
+    saved.chat_template = LLAMA3
+    saved.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").is_file()
+    messages = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"},
+                {"role": "user", "content": "four"}]
+    chat = chat_format(tmp_path, tokenizer)
+    assert chat.own and chat.end_ids == {tokenizer.token_to_id("<|eot_id|>")}
+    expected = PreTrainedTokenizerFast.from_pretrained(tmp_path).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert chat.template.render(messages, add_generation_prompt=True) == expected
+
+
 def test_eos_set_joins_generation_config_list_and_tokenizer_eos(tmp_path, tokenizer):
     eos = tokenizer.token_to_id(EOS_TOKEN)
     assert eos_set(tmp_path, tokenizer, eos) == {eos}

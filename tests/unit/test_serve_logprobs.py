@@ -11,7 +11,7 @@ import torch
 from raytron.config import ModelConfig
 from raytron.model.gpt import build_model
 from raytron.model.sampling import SamplingParams
-from raytron.serve.engine import Engine, EngineLimits
+from raytron.serve.engine import Engine, EngineLimits, _token_start
 from raytron.serve.logprob_shapes import chat_logprobs, legacy_logprobs
 from tests.unit.test_serve_engine import EOS, PROMPTS, letters
 
@@ -88,21 +88,51 @@ def test_echoing_and_plain_requests_in_one_step_give_the_texts_they_give_alone()
     assert [d.text for d in together] == [d.text for d in alone]
 
 
+def streamed(prompt, params, logprobs):
+    """Every delta of one request streamed at interval 0 (each step's text once it is final)."""
+    async def go():
+        engine = Engine(MODEL, EOS, letters, EngineLimits(8, 10_000, 96), vocab_size=TRUE_VOCAB)
+        deltas = [delta async for delta in engine.stream(prompt, params, 0.0, logprobs)]
+        engine.close()
+        return deltas
+
+    return asyncio.run(go())
+
+
 def test_logprobs_after_a_stop_string_cut_describe_only_the_returned_text():
     greedy = SamplingParams(max_new_tokens=12, temperature=0)
     (whole,) = run((PROMPTS[1], greedy, 1))
     stop = whole.text[5:7]  # two letters in the middle: the engine generates them, then cuts
-    (cut,) = run((PROMPTS[1], SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,)), 1))
+    cut_params = SamplingParams(max_new_tokens=12, temperature=0, stop=(stop,))
+    (cut,) = run((PROMPTS[1], cut_params, 1))
     returned_text = cut.text
-    assert returned_text == whole.text[:whole.text.find(stop)] and len(cut.logprobs) > len(returned_text)
+    assert returned_text == whole.text[:whole.text.find(stop)] and cut.completion_tokens > len(returned_text)
+    assert cut.logprobs == whole.logprobs[:len(returned_text)]  # one letter per token
 
     head = "echoed prompt "  # with echo the choice's text starts with the prompt's
-    legacy = legacy_logprobs(cut.logprobs, lambda t: letters([t]), len(head), end=len(head) + len(returned_text))
+    legacy = legacy_logprobs(cut.logprobs, lambda t: letters([t]), len(head))
     assert "".join(legacy["tokens"]) == returned_text
     assert legacy["text_offset"] == list(range(len(head), len(head) + len(returned_text)))
-    assert legacy["token_logprobs"] == [e.logprob for e in whole.logprobs[:len(returned_text)]]
-    assert len(legacy["top_logprobs"]) == len(returned_text)
-    chat = chat_logprobs(cut.logprobs, lambda t: letters([t]), end=len(returned_text))
+    chat = chat_logprobs(cut.logprobs, lambda t: letters([t]))
     assert "".join(c["token"] for c in chat["content"]) == returned_text
-    # without an end nothing is cut: every generated token, the stop string's too
-    assert len(legacy_logprobs(cut.logprobs, lambda t: letters([t]))["tokens"]) == len(cut.logprobs)
+
+    # streamed, each delta carries the logprobs of exactly the tokens whose text it carries
+    deltas = streamed(PROMPTS[1], cut_params, 1)
+    assert "".join(d.text for d in deltas) == returned_text
+    assert [letters([e.token for e in d.logprobs]) for d in deltas] == [d.text for d in deltas]
+    assert tuple(e for d in deltas for e in d.logprobs) == cut.logprobs
+
+
+def test_streamed_logprobs_without_a_cut_are_every_generated_token():
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop=("zzzz",))  # held back, never met
+    (whole,) = run((PROMPTS[3], params, 2))
+    deltas = streamed(PROMPTS[3], params, 2)
+    assert tuple(e for d in deltas for e in d.logprobs) == whole.logprobs and len(whole.logprobs) == 10
+
+
+def test_a_token_after_unfinished_bytes_starts_where_their_character_does():
+    # "x" then the first byte of "é" (shown as U+FFFD): the next token finishes the character
+    assert _token_start("xé", 2, 1) == 1
+    # the U+FFFD stayed (bytes that make no character): the token starts after it
+    assert _token_start("x\ufffdR", 2, 1) == 2
+    assert _token_start("abc", 3, 0) == 3

@@ -34,8 +34,19 @@ def test_block_gives_samples_problems_and_length_skips():
     assert out[0]["loss_mask"][0] is False and out[0]["loss_mask"][-1] is True
     assert out[1]["problem"] == "pc.jsonl:2: invalid JSON (Expecting value)" and out[1]["tokens"] == []
     assert out[2]["problem"].startswith("pc.jsonl:3: 'completion' is empty")
-    assert out[3]["too_long"] and out[3]["problem"] is None and out[3]["tokens"] == []
-    assert [row["too_long"] for row in out[:3]] == [False, False, False]
+    assert out[3]["too_long"].startswith("pc.jsonl:4: sample of ") and out[3]["problem"] is None
+    assert out[3]["tokens"] == [] and out[3]["cut_tokens"] == 0
+    assert [row["too_long"] for row in out[:3]] == [None, None, None]
+
+
+def test_truncation_is_counted_and_a_too_long_record_keeps_its_split():
+    long = {"prompt": "one", "completion": "two three four five six " * 20}
+    out = _encoder(seq_len=16, too_long="truncate")(_block([(long, None)])).to_pylist()[0]
+    assert len(out["tokens"]) == 17 and out["cut_tokens"] > 0 and out["too_long"] is None
+    # a skipped record is split by its text like any other, so skips are counted per split
+    records = [({"prompt": f"one {index} " * 20, "completion": "two"}, None) for index in range(40)]
+    skipped = _encoder(seq_len=16, too_long="skip", validation_fraction=0.5)(_block(records)).to_pylist()
+    assert all(row["too_long"] for row in skipped) and 0 < sum(row["validation"] for row in skipped) < 40
 
 
 def test_validation_split_follows_the_record_text_not_its_position():

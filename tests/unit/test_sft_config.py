@@ -46,15 +46,30 @@ def test_bad_sft_settings_name_the_field(data, expected):
 SOURCES = [SourceFile("/corpus/a.jsonl", 10, 1, "chat")]
 
 
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
 def _digest(**data) -> str:
-    return fingerprint(identity(build_config({"data": {"format": "chat", **data}}), SOURCES, None))
+    return fingerprint(identity(build_config({"data": {"format": "chat", "chat_template": TEMPLATE, **data}}),
+                                SOURCES, None))
 
 
 def test_every_sft_field_changes_the_fingerprint():
     base = _digest()
     changed = {_digest(train_on_prompt=True), _digest(too_long="skip"), _digest(packing=True),
-               _digest(chat_template="{{ messages }}"), _digest(format="prompt_completion")}
+               _digest(chat_template="{{ messages }}"), _digest(format="prompt_completion", chat_template=None)}
     assert base not in changed and len(changed) == 5
+
+
+def test_a_template_file_is_read_and_its_text_is_in_the_fingerprint(tmp_path):
+    path = tmp_path / "chat.jinja"
+    path.write_text(TEMPLATE)
+    settings = identity(build_config({"data": {"format": "chat", "chat_template": str(path)}}), SOURCES, None)
+    assert settings["sft"]["chat_template"] == TEMPLATE and settings["sft"]["chat_template_source"] == str(path)
+    before = fingerprint(settings)
+    path.write_text(TEMPLATE + "!")
+    assert fingerprint(identity(build_config({"data": {"format": "chat", "chat_template": str(path)}}),
+                                SOURCES, None)) != before
 
 
 def test_pretraining_identity_has_no_sft_keys():
@@ -63,9 +78,21 @@ def test_pretraining_identity_has_no_sft_keys():
     assert "sft" not in settings
 
 
-def test_sft_format_is_refused_before_reading_until_the_pipeline_reads_it(tmp_path):
+@pytest.mark.parametrize("data, expected", [
+    ({}, "data.format chat needs a chat template: set data.chat_template"),
+    ({"chat_template": "no/such/template.jinja"}, "data.chat_template: 'no/such/template.jinja' is neither inline"),
+    ({"chat_template": "{% for %}"}, "data.chat_template (data.chat_template): chat_template line 1"),
+])
+def test_a_chat_without_a_usable_template_fails_naming_data_chat_template(data, expected):
+    with pytest.raises(ConfigError) as caught:
+        identity(build_config({"data": {"format": "chat", **data}}), SOURCES, None)
+    assert expected in str(caught.value)
+
+
+def test_sft_formats_are_listed_and_refused_in_streaming_mode(tmp_path):
     source = tmp_path / "chat.jsonl"
     source.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     cfg = build_config({"data": {"format": "chat", "source": str(source)}})
-    with pytest.raises(ConfigError, match="data.format 'chat': raytron prepare and train do not read SFT"):
-        list_sources(cfg)
+    assert [file.format for file in list_sources(cfg)] == ["chat"]
+    with pytest.raises(ConfigError, match="data.mode: 'streaming' reads pretraining text only"):
+        build_config({"data": {"format": "chat", "mode": "streaming"}})

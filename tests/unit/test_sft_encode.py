@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from raytron.data.chat_template import ChatTemplate
-from raytron.data.sft_encode import SampleTooLongError, SftEncoder, encode_record
+from raytron.data.sft_encode import (SampleTooLongError, SftEncoder, encode_record, leading_bos, special_ids,
+                                     too_long_error)
 from raytron.data.tokenizer import train_tokenizer
 
 BOS, EOS = "<s>", "<|endoftext|>"
@@ -63,7 +64,9 @@ def test_chat_has_one_bos_and_train_on_prompt_scores_everything(tokenizer):
     sample = chat_encoder(tokenizer).encode(CHAT)
     assert sample.tokens[0] == bos and (sample.tokens == bos).sum() == 1
     everything = chat_encoder(tokenizer, train_on_prompt=True).encode(CHAT)
-    assert everything.loss_mask.all() and np.array_equal(everything.tokens, sample.tokens)
+    # every token scores but the first: nothing in the sample predicts it (packing relies on it)
+    assert not everything.loss_mask[0] and everything.loss_mask[1:].all()
+    assert np.array_equal(everything.tokens, sample.tokens)
 
 
 def test_prompt_completion_scores_completion_and_eos(tokenizer):
@@ -109,11 +112,48 @@ def test_length_policy_truncate_skip_fail(tokenizer):
     truncated = encode_record(encoder, CHAT, seq_len, "truncate", "c.jsonl:1").sample
     assert truncated.truncated and len(truncated.tokens) == seq_len + 1
     assert np.array_equal(truncated.loss_mask, full.loss_mask[:seq_len + 1])
-    assert encode_record(encoder, CHAT, seq_len, "skip", "c.jsonl:1").skipped_too_long
-    with pytest.raises(SampleTooLongError, match="c.jsonl:1: sample of .* tokens is longer than seq_len"):
-        encode_record(encoder, CHAT, seq_len, "fail", "c.jsonl:1")
+    assert truncated.cut_tokens == len(full.tokens) - (seq_len + 1)
+    skipped = encode_record(encoder, CHAT, seq_len, "skip", "c.jsonl:1")
+    assert skipped.skipped_too_long and skipped.sample is None
+    # under fail the record is reported the same way; the consumer raises, in file order
+    failed = encode_record(encoder, CHAT, seq_len, "fail", "c.jsonl:1")
+    assert failed.too_long == f"c.jsonl:1: sample of {len(full.tokens)} tokens is longer than train.seq_len + 1 = " \
+                              f"{seq_len + 1}"
+    with pytest.raises(SampleTooLongError, match=r"c.jsonl:1: sample of .*\(set data.too_long: truncate or skip\)"):
+        raise too_long_error(failed.too_long)
     fits = encode_record(encoder, CHAT, len(full.tokens) - 1, "fail", "c.jsonl:1").sample
     assert not fits.truncated and np.array_equal(fits.tokens, full.tokens)
     # truncating before the first assistant token leaves nothing to score: skipped, not kept
     first_scored = int(np.flatnonzero(full.loss_mask)[0])
     assert encode_record(encoder, CHAT, first_scored - 1, "truncate", "c.jsonl:1").skipped_too_long
+
+
+def test_prompt_completion_gets_the_post_processors_bos_once(tokenizer):
+    from tokenizers import processors
+
+    with_bos = tokenizer.from_str(tokenizer.to_str())
+    bos = with_bos.token_to_id(BOS)
+    with_bos.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos)])
+    assert leading_bos(with_bos) == bos and leading_bos(tokenizer) is None
+    encoder = SftEncoder(with_bos, "prompt_completion", with_bos.token_to_id(EOS), bos_id=leading_bos(with_bos))
+    plain = encoder.encode({"prompt": "one two", "completion": "three"})
+    already = encoder.encode({"prompt": f"{BOS}one two", "completion": "three"})
+    assert plain.tokens[0] == bos and (plain.tokens == bos).sum() == 1
+    assert np.array_equal(plain.tokens, already.tokens) and not plain.loss_mask[0]
+
+
+def test_special_ids_come_from_the_config_tokens_else_raytrons(tokenizer):
+    eos = tokenizer.token_to_id(EOS)
+    assert special_ids(tokenizer, {}) == (eos, eos)  # no <|pad|>: pads are EOS
+    eot = tokenizer.token_to_id("<|eot_id|>")
+    assert special_ids(tokenizer, {"eos_token": "<|eot_id|>", "pad_token": BOS}) == (eot, tokenizer.token_to_id(BOS))
+    with pytest.raises(ValueError, match="no EOS token '</s>'"):
+        special_ids(tokenizer, {"eos_token": "</s>"})
+
+
+def test_a_chat_with_nothing_to_score_is_a_bad_record(tokenizer):
+    template = ChatTemplate("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}"
+                            "{% endfor %}")
+    encoder = SftEncoder(tokenizer, "chat", tokenizer.token_to_id(EOS), template)
+    outcome = encode_record(encoder, CHAT, 64, "truncate", "c.jsonl:4")
+    assert outcome.problem == "c.jsonl:4: no token to score (the assistant turns render empty)"

@@ -50,6 +50,11 @@ def _token_text(token: Any) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def special_tokens_of(config: dict) -> dict[str, str]:
+    """bos_token, eos_token, ... of a tokenizer_config.json, as text (what templates see)."""
+    return {key: _token_text(config[key]) for key in SPECIAL_TOKEN_KEYS if config.get(key) is not None}
+
+
 @dataclass
 class ChatTemplate:
     source: str
@@ -70,8 +75,7 @@ class ChatTemplate:
             template = {entry["name"]: entry["template"] for entry in template}.get("default")
         if not isinstance(template, str):
             raise ChatTemplateError(f"{where}: no chat_template (or no 'default' among named ones)")
-        tokens = {key: _token_text(config[key]) for key in SPECIAL_TOKEN_KEYS if config.get(key) is not None}
-        return cls(template, tokens)
+        return cls(template, special_tokens_of(config))
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, **variables: Any) -> str:
         try:

@@ -17,6 +17,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     # imported here: Ray takes seconds to import and other subcommands do not need it
     from raytron.data.prepare import PrepareError, prepare
     from raytron.data.records import BadRecordError
+    from raytron.data.sft_encode import SampleTooLongError
     from raytron.storage import StorageError
     from raytron.train.cluster import connect
 
@@ -24,7 +25,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     connect(cfg)
     try:
         result = prepare(cfg)
-    except (StorageError, BadRecordError, PrepareError) as error:
+    except (StorageError, BadRecordError, SampleTooLongError, PrepareError) as error:
         print(f"raytron prepare: {error}", file=sys.stderr)
         return 1
     _root().print_table(result.summary_rows())

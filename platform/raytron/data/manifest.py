@@ -4,8 +4,11 @@ Layout under the prepared URL::
 
     manifest.json                  this file
     tokenizer.json                 the tokenizer the shards were made with
+    tokenizer_config.json          SFT with a given tokenizer: its Hugging Face files, when it has them
+    chat_template.jinja                (special tokens, chat template)
     train/shard-00000.parquet      tokens: list<int32> of exactly seq_len + 1 ids; id: int64
-    validation/shard-00000.parquet     (block index within the split, in prepare order)
+    validation/shard-00000.parquet     (block index within the split, in prepare order);
+                                   SFT adds loss_mask: list<bool> (and, packed, segments: list<int32>)
 
 ``fingerprint`` hashes everything the shards depend on (sources with sizes and mtimes,
 tokenizer, seq_len, split and format settings, bad-record policy, shard size); equal
@@ -43,8 +46,15 @@ class SplitInfo:
     tokens: int
     """Ids in blocks (EOS included)."""
     dropped_tokens: int
-    """Ids at the end of the split that did not fill a block."""
+    """Ids at the end of the split that did not fill a block (SFT: ids cut off truncated samples)."""
     shards: list[ShardInfo]
+    # SFT splits only (0 for pretraining, and in manifests written before they existed)
+    samples: int = 0
+    """Samples in the rows (documents: the split's good records, these and the ones skipped too long)."""
+    scored_tokens: int = 0
+    """Targets the loss counts (loss_mask true)."""
+    truncated: int = 0
+    skipped_too_long: int = 0
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,14 @@ from raytron.data.encode import split_tokens
 from raytron.data.manifest import (MANIFEST_FILE, SPLITS, Manifest, SplitInfo, fingerprint, read_manifest,
                                    write_manifest)
 from raytron.data.packing import BlockPacker
+from raytron.data.sft_prepare import write_sft_splits
+from raytron.data.sft_setup import SftSetup, sft_setup
 from raytron.data.shards import ShardWriter
 from raytron.data.sources import SourceFile, data_filesystem, list_sources
 from raytron.data.stream import BadRecords, document_dataset
 from raytron.data.tokenizer import TOKENIZER_FILE
-from raytron.data.tokenizer_source import TokenizerSpec, load_configured, train_on_sample
+from raytron.data.tokenizer_source import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TokenizerConfig, TokenizerSpec,
+                                          load_configured, train_on_sample)
 from raytron.storage import delete, is_remote, join_url, write_bytes
 
 
@@ -43,19 +46,27 @@ class PrepareResult:
     def tokens(self) -> int:
         return sum(split.tokens for split in self.manifest.splits.values())
 
-    def summary_rows(self) -> list[tuple[str, str]]:
-        """What the summary table shows: per-split documents/tokens/blocks, bad records, throughput, URL."""
+    def summary_rows(self) -> list[tuple[str, ...]]:
+        """What the summary table shows: per-split documents/tokens/blocks (SFT: samples, scored tokens, rows,
+        truncated and skipped samples), bad records, throughput, URL."""
         m = self.manifest
-        rows = [("", "documents", "tokens", "blocks", "dropped tokens")]
-        rows += [(name, f"{s.documents:,}", f"{s.tokens:,}", f"{s.rows:,}", f"{s.dropped_tokens:,}")
-                 for name, s in m.splits.items()]
+        if "sft" in m.settings:
+            rows = [("", "samples", "tokens", "scored tokens", "rows", "truncated", "skipped too long")]
+            rows += [(name, f"{s.samples:,}", f"{s.tokens:,}", f"{s.scored_tokens:,}", f"{s.rows:,}",
+                      f"{s.truncated:,}", f"{s.skipped_too_long:,}") for name, s in m.splits.items()]
+        else:
+            rows = [("", "documents", "tokens", "blocks", "dropped tokens")]
+            rows += [(name, f"{s.documents:,}", f"{s.tokens:,}", f"{s.rows:,}", f"{s.dropped_tokens:,}")
+                     for name, s in m.splits.items()]
         rate = "reused, nothing computed" if self.reused else f"{self.tokens / self.seconds:,.0f} tokens/s"
-        rows += [("bad records", f"{m.bad_records:,}", "", "", ""),
-                 ("time", f"{self.seconds:.1f} s", rate, "", ""),
-                 ("output", self.url, "", "", "")]
+        blank = ("",) * (len(rows[0]) - 2)
+        rows += [("bad records", f"{m.bad_records:,}", *blank),
+                 ("time", f"{self.seconds:.1f} s", rate, *blank[1:]),
+                 ("output", self.url, *blank)]
         return rows
 
 
+TOKENIZER_CONFIG_FILES = (TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 FINGERPRINT_DIR_CHARS = 16
 """Hex digits of the fingerprint that name the default prepared folder (64 bits: no collision in practice)."""
 
@@ -68,9 +79,14 @@ def prepared_url(cfg: RaytronConfig, digest: str) -> str:
     return url if is_remote(url) else str(Path(url).expanduser().absolute())
 
 
-def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: TokenizerSpec | None) -> dict:
-    """Everything the shards depend on (and nothing they do not, such as the actor count)."""
+def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: TokenizerSpec | None,
+             sft: SftSetup | None = None) -> dict:
+    """Everything the shards depend on (and nothing they do not, such as the actor count). SFT formats add
+    the settings of ``sft`` (resolved from the config and tokenizer when not given): the chat template's
+    text and source, the tokenizer files' hash."""
     data = cfg.data
+    if data.is_sft and sft is None:
+        sft = sft_setup(data, tokenizer)
     return {
         "sources": [source.to_dict() for source in sources],
         "tokenizer": {"sha256": tokenizer.sha256} if tokenizer else
@@ -78,8 +94,7 @@ def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: Tokenizer
         "seq_len": cfg.train.seq_len, "validation_fraction": data.validation_fraction,
         "text_field": data.text_field, "on_bad_record": data.on_bad_record, "shard_blocks": data.shard_blocks,
         # SFT keys only for SFT formats, so the fingerprints (and folders) of pretraining data stay as they were
-        **({"sft": {"format": data.format, "train_on_prompt": data.train_on_prompt, "too_long": data.too_long,
-                    "packing": data.packing, "chat_template": data.chat_template}} if data.is_sft else {}),
+        **({"sft": sft.settings(data)} if sft else {}),
     }
 
 
@@ -93,17 +108,19 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
     data = cfg.data
     sources = list_sources(cfg, workdir)
     given = load_configured(cfg) if data.tokenizer else None
-    settings = identity(cfg, sources, given)
+    sft = sft_setup(data, given) if data.is_sft else None
+    settings = identity(cfg, sources, given, sft)
     digest = fingerprint(settings)
     url = prepared_url(cfg, digest)
     existing = read_manifest(url, data.endpoint_url, data.region)
     if existing is not None and existing.fingerprint == digest:
         return PrepareResult(url, existing, True, time.monotonic() - started)
-    for name in (MANIFEST_FILE, TOKENIZER_FILE, *SPLITS):  # manifest first: from now on it is not complete
+    for name in (MANIFEST_FILE, TOKENIZER_FILE, *TOKENIZER_CONFIG_FILES, *SPLITS):  # manifest first: incomplete now
         delete(join_url(url, name), data.endpoint_url, data.region)
     tokenizer = given or train_on_sample(cfg, sources)
     write_bytes(join_url(url, TOKENIZER_FILE), tokenizer.json.encode(), data.endpoint_url, data.region)
-    splits, bad = _write_splits(cfg, url, sources, tokenizer)
+    _write_tokenizer_config(url, tokenizer.config, cfg)
+    splits, bad = _write_splits(cfg, url, sources, tokenizer, sft)
     manifest = Manifest(fingerprint=digest, seq_len=cfg.train.seq_len, splits=splits,
                         tokenizer_sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
                         sources=settings.pop("sources"), settings=settings, bad_records=bad.count,
@@ -112,11 +129,39 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
     return PrepareResult(url, manifest, False, time.monotonic() - started)
 
 
-def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile],
-                  tokenizer: TokenizerSpec) -> tuple[dict[str, SplitInfo], BadRecords]:
+def _write_tokenizer_config(url: str, config: TokenizerConfig | None, cfg: RaytronConfig) -> None:
+    """An SFT tokenizer's Hugging Face files go next to its tokenizer.json: the special tokens and chat
+    template the samples were made with travel with the shards."""
+    for name, text in zip(TOKENIZER_CONFIG_FILES, (config.text, config.template_text) if config else ()):
+        if text:
+            write_bytes(join_url(url, name), text.encode(), cfg.data.endpoint_url, cfg.data.region)
+
+
+def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile], tokenizer: TokenizerSpec,
+                  sft: SftSetup | None) -> tuple[dict[str, SplitInfo], BadRecords]:
     fs, base_path = data_filesystem(cfg.data, url)
-    packers = {name: BlockPacker(cfg.train.seq_len) for name in SPLITS}
     writers = {name: ShardWriter(fs, base_path, url, name, cfg.data.shard_blocks) for name in SPLITS}
+    if sft:
+        splits, bad, documents = write_sft_splits(cfg, writers, sources, tokenizer.json, sft)
+    else:
+        splits, bad, documents = _write_text_splits(cfg, writers, sources, tokenizer)
+    if not documents:
+        raise PrepareError(f"data.source: no {'samples' if sft else 'documents'} in {len(sources)} input file(s) "
+                           f"({bad.count} bad records, e.g. {bad.examples[:3]}"
+                           + (f"; {sum(s.skipped_too_long for s in splits.values())} longer than train.seq_len + 1)"
+                              if sft else ")"))
+    if not splits["train"].rows:
+        raise PrepareError(f"data.source: no training samples ({documents} in validation: lower "
+                           "data.validation_fraction)" if sft else
+                           f"data.source: {splits['train'].dropped_tokens} training tokens do not fill one block of "
+                           f"train.seq_len + 1 = {cfg.train.seq_len + 1}")
+    return splits, bad
+
+
+def _write_text_splits(cfg: RaytronConfig, writers: dict[str, ShardWriter], sources: list[SourceFile],
+                       tokenizer: TokenizerSpec) -> tuple[dict[str, SplitInfo], BadRecords, int]:
+    """Documents concatenated and cut into blocks; (per-split info, bad records, documents in all)."""
+    packers = {name: BlockPacker(cfg.train.seq_len) for name in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     bad = BadRecords(cfg.data.on_bad_record)
     for table in document_dataset(cfg, sources, tokenizer.json).iter_batches(batch_size=None,
@@ -126,15 +171,9 @@ def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile],
             tokens, count = split_tokens(table, name == "validation")
             documents[name] += count
             writers[name].add(packers[name].add(tokens))
-    if not sum(documents.values()):
-        raise PrepareError(f"data.source: no documents in {len(sources)} input file(s) "
-                           f"({bad.count} bad records, e.g. {bad.examples[:3]})")
     splits = {}
     for name in SPLITS:
         shards = writers[name].close()
         rows = sum(shard.rows for shard in shards)
         splits[name] = SplitInfo(rows, documents[name], rows * (cfg.train.seq_len + 1), packers[name].dropped, shards)
-    if not splits["train"].rows:
-        raise PrepareError(f"data.source: {splits['train'].dropped_tokens} training tokens do not fill one block of "
-                           f"train.seq_len + 1 = {cfg.train.seq_len + 1}")
-    return splits, bad
+    return splits, bad, sum(documents.values())

@@ -1,49 +1,67 @@
-"""SFT samples -> shard rows: one sample per row of seq_len + 1 ids, padded, with its loss mask.
+"""SFT samples -> shard rows of seq_len + 1 ids, with their loss mask (and, packed, segment numbers).
 
-Samples are not packed together here (that needs a block-diagonal attention mask), so each row is one
-sample followed by pad ids; the pads are never scored. The shard table is the pretraining one
-(``tokens``, ``id``) plus a ``loss_mask`` column (list<bool>, aligned with ``tokens``), so readers that
-know only ``tokens`` still read it.
+Without packing each row is one sample followed by pad ids. With ``data.packing`` whole samples are
+laid end to end, greedily in arrival order: a sample goes into the current row when it fits, else it
+closes that row and starts the next; a sample is never split across rows. ``segments`` numbers the
+samples of a row 1, 2, ..., k (0 on the pads), which is what the trainer's block-diagonal mask and
+restarting positions come from. Pads are never scored, and a sample's first token never is (the
+encoder clears it), so no target is predicted across two samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
-import pyarrow as pa
 
 from raytron.data.sft_encode import SftSample
 
-SFT_SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("id", pa.int64()),
-                              ("loss_mask", pa.list_(pa.bool_()))])
 
+class SampleRows:
+    """One split's samples in, completed rows out; counts what went in."""
 
-def sample_rows(samples: Sequence[SftSample], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens (n, seq_len + 1) int32, loss_mask (n, seq_len + 1) bool); samples must already fit."""
-    width = seq_len + 1
-    tokens = np.full((len(samples), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(samples), width), dtype=bool)
-    for row, sample in enumerate(samples):
-        if len(sample.tokens) > width:
-            raise ValueError(f"sample {row} has {len(sample.tokens)} tokens, more than seq_len + 1 = {width} "
-                             "(apply fit_length first)")
-        tokens[row, :len(sample.tokens)] = sample.tokens
-        mask[row, :len(sample.loss_mask)] = sample.loss_mask
-    return tokens, mask
+    def __init__(self, seq_len: int, pad_id: int, packing: bool):
+        self.width, self.pad_id, self.packing = seq_len + 1, pad_id, packing
+        self.pending: list[SftSample] = []
+        """Samples of the row being filled (packing), ``filled`` ids in all."""
+        self.filled = 0
+        self.samples = self.tokens = self.scored_tokens = 0
 
+    def add(self, samples: Iterable[SftSample]) -> dict[str, np.ndarray]:
+        """Append samples (each at most seq_len + 1 ids); return the rows completed so far."""
+        rows: list[list[SftSample]] = []
+        for sample in samples:
+            if len(sample.tokens) > self.width:
+                raise ValueError(f"a sample of {len(sample.tokens)} tokens is longer than a row of seq_len + 1 = "
+                                 f"{self.width} (apply fit_length first)")
+            self.samples += 1
+            self.tokens += len(sample.tokens)
+            self.scored_tokens += int(sample.loss_mask.sum())
+            if not self.packing:
+                rows.append([sample])
+                continue
+            if self.filled + len(sample.tokens) > self.width:
+                rows.append(self.pending)
+                self.pending, self.filled = [], 0
+            self.pending.append(sample)
+            self.filled += len(sample.tokens)
+        return self._arrays(rows)
 
-def sft_rows_table(tokens: np.ndarray, loss_mask: np.ndarray, first_id: int) -> pa.Table:
-    rows, width = tokens.shape
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
-    return pa.table([pa.ListArray.from_arrays(offsets, pa.array(tokens.reshape(-1))),
-                     pa.array(np.arange(first_id, first_id + rows, dtype=np.int64)),
-                     pa.ListArray.from_arrays(offsets, pa.array(loss_mask.reshape(-1)))], schema=SFT_SHARD_SCHEMA)
+    def close(self) -> dict[str, np.ndarray]:
+        """The last, partly filled row (packing)."""
+        rows, self.pending, self.filled = ([self.pending] if self.pending else []), [], 0
+        return self._arrays(rows)
 
-
-def table_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The (tokens, loss_mask) arrays of an SFT shard table, shapes (rows, seq_len + 1)."""
-    rows = len(table)
-    tokens = table.column("tokens").combine_chunks().values.to_numpy().reshape(rows, -1)
-    mask = table.column("loss_mask").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(rows, -1)
-    return tokens, mask
+    def _arrays(self, rows: list[list[SftSample]]) -> dict[str, np.ndarray]:
+        """{'tokens': (n, width) int32, 'loss_mask': (n, width) bool[, 'segments': (n, width) int32]}."""
+        tokens = np.full((len(rows), self.width), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(rows), self.width), dtype=bool)
+        segments = np.zeros((len(rows), self.width), dtype=np.int32)
+        for row, samples in enumerate(rows):
+            start = 0
+            for number, sample in enumerate(samples, start=1):
+                stop = start + len(sample.tokens)
+                tokens[row, start:stop], mask[row, start:stop] = sample.tokens, sample.loss_mask
+                segments[row, start:stop] = number
+                start = stop
+        return {"tokens": tokens, "loss_mask": mask, **({"segments": segments} if self.packing else {})}

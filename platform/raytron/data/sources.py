@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raytron.config import ConfigError, DataConfig, RaytronConfig
+from raytron.config import DataConfig, RaytronConfig
 from raytron.storage import StorageError, filesystem_for, is_remote
 
 GLOB_CHARS = "*?["
@@ -28,7 +28,7 @@ class SourceFile:
     mtime_ns: int
     """Last modification (S3: LastModified); with ``size`` it decides whether prepared output is stale."""
     format: str
-    """jsonl | parquet | text."""
+    """jsonl | parquet | text | chat | prompt_completion."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,9 +57,6 @@ def list_sources(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> list[S
     Fails naming the URL when a source matches nothing or cannot be listed.
     """
     data = cfg.data
-    if data.is_sft:  # the SFT reader (records -> samples + loss masks) is not in the pipeline yet: say so here
-        raise ConfigError(f"data.format {data.format!r}: raytron prepare and train do not read SFT records yet "
-                          "(issue 13: the encoder exists, the pipeline does not use it)")
     urls = _demo_files(data, Path(workdir)) if data.sources == [DEMO_SOURCE] else data.sources
     found: dict[str, SourceFile] = {}
     for url in urls:

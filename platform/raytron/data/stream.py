@@ -7,7 +7,9 @@ readers and actors run, so the packed output is the same on every run. Packing i
 by the one consumer because blocks cross document (and file) boundaries.
 
 ``prepare`` consumes it to write shards; ``packed_blocks`` yields the blocks of one
-split directly (``data.mode: streaming``, run inside a Ray Train worker).
+split directly (``data.mode: streaming``, run inside a Ray Train worker). SFT formats take the
+same read and actor pool with ``EncodeSftBatch`` (one sample + loss mask per record) instead of
+``TokenizeBatch``; ``sft_prepare`` turns those into rows.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from raytron.data.datasource import CorpusDatasource
 from raytron.data.encode import TokenizeBatch, split_tokens
 from raytron.data.packing import BlockPacker
 from raytron.data.records import bad_record_error
+from raytron.data.sft_batch import EncodeSftBatch
+from raytron.data.sft_setup import SftSetup
 from raytron.data.sources import SourceFile
 
 # problems quoted in the manifest and summary (all are counted)
@@ -32,13 +36,18 @@ MAX_EXAMPLES = 20
 
 
 def document_dataset(cfg: RaytronConfig, files: list[SourceFile], tokenizer_json: str,
-                     progress_bars: bool = True) -> Dataset:
-    """Rows (tokens: ids + EOS, validation: bool, problem: str | None), one per record, in file order."""
+                     progress_bars: bool = True, sft: SftSetup | None = None) -> Dataset:
+    """Rows (tokens: ids + EOS, validation: bool, problem: str | None), one per record, in file order;
+    for SFT formats (``sft`` given) EncodeSftBatch's rows (tokens, loss_mask, ..., too_long, cut_tokens)."""
     data = cfg.data
     records = ray.data.read_datasource(CorpusDatasource(files, data.text_field, data.endpoint_url, data.region))
+    kwargs = {"tokenizer_json": tokenizer_json, "validation_fraction": data.validation_fraction}
+    if sft:
+        kwargs |= {"fmt": data.format, "seq_len": cfg.train.seq_len, "too_long": data.too_long,
+                   "chat_template": sft.template, "special_tokens": sft.special_tokens,
+                   "train_on_prompt": data.train_on_prompt}
     tokens = records.map_batches(
-        TokenizeBatch, fn_constructor_kwargs={"tokenizer_json": tokenizer_json,
-                                              "validation_fraction": data.validation_fraction},
+        EncodeSftBatch if sft else TokenizeBatch, fn_constructor_kwargs=kwargs,
         batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         compute=ActorPoolStrategy(size=data.tokenize_actors), num_cpus=data.tokenize_cpus)
     tokens.context.execution_options.preserve_order = True

@@ -1,25 +1,54 @@
-"""Where the tokenizer comes from: a given tokenizer.json (path/URL), or one trained on a corpus sample.
+"""Where the tokenizer comes from: a given tokenizer.json (path/URL, or a model folder / s3 prefix holding
+one), or one trained on a corpus sample.
 
+For SFT formats the ``tokenizer_config.json`` beside the given tokenizer.json is read too (Hugging Face's
+layout: special tokens, ``chat_template``, and transformers 5's ``chat_template.jinja``); pretraining never reads
+them, so its fingerprints stay as they were.
 The sample is the first ``data.tokenizer_sample_bytes`` of document text in sorted
-source order (bad records handled by ``data.on_bad_record``), read in this process:
-the same sources always give the same tokenizer. Vocabulary size and special tokens
-(EOS, BOS, PAD) come from the config.
+source order (bad records handled by ``data.on_bad_record``; SFT records give their messages' or
+prompt's and completion's text), read in this process: the same sources always give the same
+tokenizer. Vocabulary size and special tokens (EOS, BOS, PAD) come from the config.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 from tokenizers import Tokenizer
 
 from raytron.config import ConfigError, RaytronConfig
+from raytron.data.chat_template import special_tokens_of
 from raytron.data.encode import eos_id
 from raytron.data.records import checked, read_records
+from raytron.data.sft_encode import record_texts, special_ids
 from raytron.data.sources import SourceFile, data_filesystem
-from raytron.data.tokenizer import train_tokenizer
-from raytron.storage import read_bytes
+from raytron.data.tokenizer import TOKENIZER_FILE, train_tokenizer
+from raytron.parallel.checkpoint_layout import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+from raytron.storage import StorageError, filesystem_for, is_remote, join_url, read_bytes
+
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The Hugging Face files beside a tokenizer.json: tokenizer_config.json (special tokens, maybe the
+    chat template) and chat_template.jinja, each "" when absent; hashed into the SFT fingerprint."""
+    folder: str
+    text: str
+    template_text: str
+
+    @property
+    def content(self) -> dict:
+        return json.loads(self.text) if self.text else {}
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps([self.text, self.template_text]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -28,20 +57,64 @@ class TokenizerSpec:
     """The tokenizer.json content (what actors and checkpoints carry)."""
     sha256: str
     vocab_size: int
+    config: TokenizerConfig | None = None
+    """The files beside a given tokenizer (read for SFT formats only)."""
 
 
-def spec_of(tokenizer_json: str) -> TokenizerSpec:
+def spec_of(tokenizer_json: str, config: TokenizerConfig | None = None) -> TokenizerSpec:
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    eos_id(tokenizer)  # fails now, not in an actor, when there is no EOS
+    # fails now, not in an actor, when there is no EOS (an SFT tokenizer_config.json may name its own)
+    special_ids(tokenizer, special_tokens_of(config.content)) if config else eos_id(tokenizer)
     return TokenizerSpec(tokenizer_json, hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-                         tokenizer.get_vocab_size())
+                         tokenizer.get_vocab_size(), config)
+
+
+def tokenizer_files(url: str) -> tuple[str, str]:
+    """(tokenizer.json URL, the folder beside it) of data.tokenizer: a .json file, or a folder (local) /
+    prefix (s3://, any name not ending in .json) holding tokenizer.json."""
+    if not is_remote(url):
+        path = Path(url).expanduser()
+        return (str(path / TOKENIZER_FILE), str(path)) if path.is_dir() else (url, str(path.parent))
+    if not url.endswith(".json"):
+        return join_url(url, TOKENIZER_FILE), url.rstrip("/")
+    return url, url.rsplit("/", 1)[0]
+
+
+def _read_optional(url: str, endpoint_url: str | None, region: str | None) -> str:
+    fs, path = filesystem_for(url, endpoint_url, region)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return ""
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot read {url}: {error}") from None
+    return read_bytes(url, endpoint_url, region).decode("utf-8")
+
+
+def read_tokenizer_config(folder: str, endpoint_url: str | None = None,
+                          region: str | None = None) -> TokenizerConfig | None:
+    """The Hugging Face tokenizer files in folder, or None when it has neither."""
+    url = join_url(folder, TOKENIZER_CONFIG_FILE)
+    config = TokenizerConfig(folder, _read_optional(url, endpoint_url, region),
+                             _read_optional(join_url(folder, CHAT_TEMPLATE_FILE), endpoint_url, region))
+    try:
+        content = config.content
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"data.tokenizer: {url} line {error.lineno}: not JSON ({error.msg})") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"data.tokenizer: {url} must hold a JSON object")
+    return config if config.text or config.template_text else None
 
 
 def load_configured(cfg: RaytronConfig) -> TokenizerSpec:
     """The tokenizer named by data.tokenizer; it may be smaller than model.vocab_size (embedding rows
     without a token are never input), never larger."""
     data = cfg.data
-    spec = spec_of(read_bytes(data.tokenizer, data.endpoint_url, data.region).decode("utf-8"))
+    tokenizer_url, folder = tokenizer_files(data.tokenizer)
+    config = read_tokenizer_config(folder, data.endpoint_url, data.region) if data.is_sft else None
+    try:
+        spec = spec_of(read_bytes(tokenizer_url, data.endpoint_url, data.region).decode("utf-8"), config)
+    except ValueError as error:
+        raise ConfigError(f"data.tokenizer: {tokenizer_url}: {error}") from None
     if spec.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer: {data.tokenizer} has {spec.vocab_size} tokens, more than the embedding's "
                           f"model.vocab_size ({cfg.model.vocab_size}); make them agree")
@@ -58,8 +131,9 @@ def sample_texts(cfg: RaytronConfig, sources: list[SourceFile]) -> Iterator[str]
                               data.on_bad_record):
             if record.text is None:
                 continue
-            yield record.text
-            taken += len(record.text.encode("utf-8"))
+            for text in record_texts(record.text) if data.is_sft else [record.text]:
+                yield text
+                taken += len(text.encode("utf-8"))
             if taken >= data.tokenizer_sample_bytes:
                 return
 

@@ -21,7 +21,7 @@ from raytron.config import ModelConfig
 from raytron.model.gpt import GPT
 from raytron.model.hf_config import RAYTRON_CONFIG_KEY, huggingface_config
 from raytron.model.hf_mapping import from_huggingface_state, to_huggingface_state
-from raytron.parallel.checkpoint_layout import GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
+from raytron.parallel.checkpoint_layout import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -53,10 +53,10 @@ def export_huggingface(model: GPT | Mapping[str, torch.Tensor], out_dir: str | P
     if model_files is None and cfg.init_from and Path(cfg.init_from).is_dir():
         model_files = cfg.init_from
     # An imported model's files go with it: its tokenizer_config.json holds the special and added tokens
-    # and the chat template; generation_config.json's eos_token_id may be a list (Llama-3-Instruct's end
+    # and the chat template (or chat_template.jinja does); generation_config.json's eos_token_id may be a list (Llama-3-Instruct's end
     # of text and end of turn), and generation must stop on every one.
     source = Path(model_files) if model_files is not None else None
-    for name in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE):
+    for name in (GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE):
         if source is not None and (source / name).is_file():
             shutil.copyfile(source / name, out / name)
     if tokenizer_path is not None:

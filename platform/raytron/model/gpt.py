@@ -21,7 +21,9 @@ from raytron.config import ModelConfig
 from raytron.model.init import initialize_parameters
 from raytron.model.kv_cache import KVCache
 from raytron.model.layer_factory import LayerFactory, SerialLayers
+from raytron.model.loss import micro_batch_loss
 from raytron.model.rope import apply_rope, rope_cos_sin
+from raytron.model.segments import segment_causal_mask, segment_positions
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -77,7 +79,9 @@ class Attention(nn.Module):
         self.proj = layers.row(sizes[0], cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                slots: torch.Tensor | None) -> torch.Tensor:
+                slots: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (B, 1, T, T), True where a query may attend: packed rows' block-diagonal causal mask
+        (training only; without it the plain causal kernel runs)."""
         batch, length, _ = x.shape
         q_size, kv_size = self.local_heads * self.head_dim, self.local_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split((q_size, kv_size, kv_size), dim=-1)  # (B, T, q/tp), (B, T, kv/tp) x2
@@ -90,8 +94,10 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         grouped = self.local_kv_heads != self.local_heads
         with self.sharded_rng():
-            if cache is None:
+            if cache is None and mask is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=grouped)
+            elif cache is None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=grouped)
             else:
                 span = int(positions.max()) + 1
                 k, v = cache.update(self.layer_index, slots, positions, k, v, span)  # (B, nkv, S, hd)
@@ -130,8 +136,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), positions, cache, slots))
+                slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), positions, cache, slots, mask))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -169,25 +175,34 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V/tp). ``positions`` (B, T) default 0..T-1;
         with a ``cache`` keys/values are stored and read per slot. ``logits_at`` (B,) picks one
         index per row and returns only its logits, (B, 1, V/tp): a prefill needs just the last
-        prompt position, and the head over every position costs B·T·V."""
+        prompt position, and the head over every position costs B·T·V. ``segments`` (B, T) packs
+        samples in a row (training): each attends only within its segment, positions restart per segment."""
+        mask = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed segments are for training: they cannot be combined with a KV cache")
+            mask = segment_causal_mask(segments)  # (B, 1, T, T)
+            if positions is None:
+                positions = segment_positions(segments)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed(tokens, positions)  # (B, T, h)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, positions, use_reentrant=False)
+                x = checkpoint(block, x, positions, None, None, mask, use_reentrant=False)
             else:
-                x = block(x, positions, cache, slots)
+                x = block(x, positions, cache, slots, mask)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # (B, 1, h)
         return self.head(x, self.embed.tokens.weight if self.tied else None)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.layers.loss(logits, targets)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A micro-batch's training loss: labels are targets (B, T), or SFT's (targets, loss_mask, scale)."""
+        return micro_batch_loss(self.layers, logits, labels)
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         weight = self.embed.tokens.weight

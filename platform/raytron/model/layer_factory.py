@@ -40,6 +40,9 @@ class LayerFactory(Protocol):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy of (possibly vocab-sharded) logits (B, T, V_local) vs targets (B, T)."""
 
+    def masked_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Sum of the token cross-entropies where loss_mask (B, T) is True; the others get no gradient."""
+
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, T, V_local) -> (B, T, V), for sampling."""
 
@@ -51,6 +54,12 @@ class LayerFactory(Protocol):
 
     def local_shard(self, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full tensor."""
+
+
+def serial_masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropies of the scored targets: logits (B, T, V), targets and loss_mask (B, T)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (B*T,)
+    return (per_token * loss_mask.flatten().to(per_token.dtype)).sum()
 
 
 class SerialLayers:
@@ -76,6 +85,9 @@ class SerialLayers:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def masked_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        return serial_masked_loss_sum(logits, targets, loss_mask)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits

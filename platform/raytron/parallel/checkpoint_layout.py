@@ -11,7 +11,9 @@ RNG_DIR = "rng"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-MODEL_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""Where transformers 5 saves a tokenizer's chat template by default (it wins over tokenizer_config.json's)."""
+MODEL_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
 """A model's files beside its weights that travel with it: from an imported Hugging Face folder into
 checkpoints, from checkpoints into exports (special tokens, chat template, the EOS list)."""
 TRAINING_STATE = (ENGINE_DIR, RNG_DIR)

@@ -2,32 +2,36 @@
 
 A rank holds some pipeline stage's parameters, each maybe a TP shard (``tp_split``). For every
 parameter the rule table (``raytron.model.hf_mapping``) says which of their tensors it is made of;
-this rank's rows of each segment are read with safetensors' ``get_slice``, so no file is read in
-full and the whole model never exists in one process. Vocabulary rows past their tensor are our
-padding: zeros.
+this rank's rows (and columns) of each segment are read from the files straight into the parameter
+(``safetensors_ranges``: ``pread``, no memory map), so no file is read in full, the whole model
+never exists in one process, and the load holds no copy beyond the parameters (a bounded chunk
+when the file's dtype differs or GPT-2's transposed Conv1D weights are read). Vocabulary rows past
+their tensor are our padding: zeros.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from raytron.config import ModelConfig
 from raytron.model.hf_mapping import Rule, rules_for
+from raytron.parallel.safetensors_ranges import RangeReader, WeightFilesError, read_header
 from raytron.parallel.sharding import segment_sizes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CHUNK_BYTES = 16 * 2**20
+"""Most a temporary holds when a range cannot be read straight into its parameter."""
 
-
-class WeightFilesError(ValueError):
-    """Weights missing from, or shaped unlike, what config.json describes; names file and tensor."""
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "LoadStats", "WeightFilesError", "check_shapes", "load_hf_weights",
+           "weight_files"]
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -40,27 +44,23 @@ def weight_files(folder: Path) -> dict[str, Path]:
             raise WeightFilesError(f"{folder}: {INDEX_FILE} lists {', '.join(missing)}, which do not exist")
         return files
     if (folder / SINGLE_FILE).is_file():
-        with safe_open(folder / SINGLE_FILE, framework="pt") as reader:
-            return {name: folder / SINGLE_FILE for name in reader.keys()}
+        return {name: folder / SINGLE_FILE for name in read_header(folder / SINGLE_FILE)}
     raise WeightFilesError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (weights of a Hugging Face folder)")
 
 
 def check_shapes(folder: Path, cfg: ModelConfig) -> None:
     """Every tensor the rules need is there with the shape config.json implies (reads headers only)."""
-    files = weight_files(folder)
+    reader = RangeReader(weight_files(folder))
     problems = []
     for rule in rules_for(cfg):
         width = _expected_width(rule, cfg)
         for name, rows in zip(rule.theirs, rule.sizes):
-            if name not in files:
+            if name not in reader.files:
                 problems.append(f"{name}: missing from the weight files")
                 continue
-            with safe_open(files[name], framework="pt") as reader:
-                shape = tuple(reader.get_slice(name).get_shape())
-            expected = (rows,) if width is None else (rows, width)
-            expected = expected[::-1] if rule.transpose else expected
+            shape, expected = reader.entry(name).shape, _their_shape(rule, rows, width)
             if shape != expected:
-                problems.append(f"{name} in {files[name].name}: shape {shape}, config.json implies {expected}")
+                problems.append(f"{name} in {reader.files[name].name}: shape {shape}, config.json implies {expected}")
     if problems:
         raise WeightFilesError(f"{folder} does not match its config.json:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -76,64 +76,18 @@ def _expected_width(rule: Rule, cfg: ModelConfig) -> int | None:
     return cfg.hidden_size
 
 
+def _their_shape(rule: Rule, rows: int, width: int | None) -> tuple[int, ...]:
+    """The shape one of a rule's tensors has in the file, given our rows and columns of it."""
+    shape = (rows,) if width is None else (rows, width)
+    return shape[::-1] if rule.transpose else shape
+
+
 @dataclass
 class LoadStats:
     bytes_read: int = 0
     """Bytes of tensor data this rank read."""
     tensors: int = 0
     files: set[str] = field(default_factory=set)
-
-
-class ShardedReader:
-    """Reads row/column ranges of their tensors, our orientation, opening each file once."""
-
-    def __init__(self, folder: Path):
-        self.files = weight_files(folder)
-        self.readers: dict[Path, object] = {}
-        self.stats = LoadStats()
-
-    def close(self) -> None:
-        for reader in self.readers.values():
-            reader.__exit__(None, None, None)
-        self.readers.clear()
-
-    def _slice(self, name: str):
-        path = self.files[name]
-        if path not in self.readers:
-            self.readers[path] = safe_open(path, framework="pt").__enter__()
-            self.stats.files.add(path.name)
-        return self.readers[path].get_slice(name)
-
-    def rows(self, rule: Rule, start: int, stop: int, columns: tuple[int, int] | None) -> torch.Tensor:
-        """Our rows [start, stop) of a rule's concatenated tensors (zeros past the end), optionally
-        only our columns [a, b)."""
-        pieces, offset = [], 0
-        for name, size in zip(rule.theirs, rule.sizes):
-            lo, hi = max(start, offset), min(stop, offset + size)
-            if lo < hi:
-                pieces.append(self._read(name, lo - offset, hi - offset, columns, rule.transpose))
-            offset += size
-        if stop > offset:  # vocabulary padding; torch.cat promotes, copy_ casts to the parameter's dtype
-            pieces.append(torch.zeros(stop - max(start, offset), *self._width(rule, columns)))
-        return torch.cat(pieces, dim=0)
-
-    def _width(self, rule: Rule, columns: tuple[int, int] | None) -> tuple[int, ...]:
-        """Our trailing dims of a rule's tensors (only ``columns`` when given)."""
-        shape = list(self._slice(rule.theirs[0]).get_shape())
-        width = shape[:1] if rule.transpose else shape[1:]
-        return tuple(width) if columns is None else (columns[1] - columns[0],)
-
-    def _read(self, name: str, lo: int, hi: int, columns: tuple[int, int] | None, transpose: bool) -> torch.Tensor:
-        part = self._slice(name)
-        if len(part.get_shape()) == 1:
-            tensor = part[lo:hi]
-        elif transpose:  # theirs is (in, out): our rows are their columns
-            tensor = (part[:, lo:hi] if columns is None else part[columns[0]:columns[1], lo:hi]).t()
-        else:
-            tensor = part[lo:hi] if columns is None else part[lo:hi, columns[0]:columns[1]]
-        self.stats.bytes_read += tensor.numel() * tensor.element_size()
-        self.stats.tensors += 1
-        return tensor
 
 
 def _local_ranges(full: int, split: tuple | None, dim: int, rank: int, size: int) -> list[tuple[int, int]]:
@@ -148,26 +102,85 @@ def _local_ranges(full: int, split: tuple | None, dim: int, rank: int, size: int
     return ranges
 
 
+class _ParameterFiller:
+    """Fills parameters from one folder's files, counting what it reads."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.reader = RangeReader(weight_files(folder))
+        self.stats = LoadStats()
+
+    def fill(self, rule: Rule, rows: tuple[int, int], columns: tuple[int, int] | None, width: int | None,
+             dest: torch.Tensor) -> None:
+        """Our full rows [start, stop) of a rule's concatenated tensors (zeros past their end) into
+        ``dest`` (stop - start rows); only our columns [a, b) of them when given."""
+        (start, stop), offset = rows, 0
+        for name, size in zip(rule.theirs, rule.sizes):
+            lo, hi = max(start, offset), min(stop, offset + size)
+            if lo < hi:
+                self._check(rule, name, size, width)
+                self._read(name, (lo - offset, hi - offset), columns, rule.transpose, dest[lo - start:hi - start])
+            offset += size
+        if stop > offset:  # vocabulary padding
+            dest[max(start, offset) - start:].zero_()
+
+    def _check(self, rule: Rule, name: str, rows: int, width: int | None) -> None:
+        """The file's tensor has the shape the model expects: a range past its end would read its neighbour."""
+        if name not in self.reader.files:
+            raise WeightFilesError(f"{self.folder}: {name} is missing from the weight files")
+        shape, expected = self.reader.entry(name).shape, _their_shape(rule, rows, width)
+        if shape != expected:
+            raise WeightFilesError(f"{self.folder}: {name} in {self.reader.files[name].name} has shape {shape}, "
+                                   f"the model expects {expected}")
+
+    def _read(self, name: str, rows: tuple[int, int], columns: tuple[int, int] | None, transpose: bool,
+              dest: torch.Tensor) -> None:
+        """Our rows and columns of tensor ``name`` (ours: (out, in), theirs maybe (in, out)) into ``dest``."""
+        entry = self.reader.entry(name)
+        self.stats.tensors += 1
+        self.stats.files.add(self.reader.files[name].name)
+        if not transpose and entry.dtype == dest.dtype and dest.is_contiguous():
+            self.reader.read(name, rows, columns, dest)  # the common case: no copy at all
+        else:  # through a temporary: a cast, or theirs is (in, out); chunked along their rows
+            their_rows, their_columns = ((columns or (0, entry.shape[0])), rows) if transpose else (rows, columns)
+            width = () if len(entry.shape) == 1 else (entry.shape[1] if their_columns is None
+                                                      else their_columns[1] - their_columns[0],)
+            step = max(1, CHUNK_BYTES // (math.prod(width) * entry.dtype.itemsize))
+            for first in range(their_rows[0], their_rows[1], step):
+                last = min(first + step, their_rows[1])
+                chunk = torch.empty((last - first, *width), dtype=entry.dtype)
+                self.reader.read(name, (first, last), their_columns, chunk)
+                at = slice(first - their_rows[0], last - their_rows[0])
+                if transpose:
+                    dest[:, at].copy_(chunk.t())
+                else:
+                    dest[at].copy_(chunk)
+        self.stats.bytes_read = self.reader.bytes_read
+
+
 @torch.no_grad()
 def load_hf_weights(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: ModelConfig, folder: str | Path,
                     full_shape, tp_rank: int, tp_size: int) -> LoadStats:
     """Fill each parameter (named as in the serial GPT) with its part of the folder's weights.
     ``full_shape(param)`` gives the TP=1 shape (the LayerFactory's)."""
     rules = {rule.ours: rule for rule in rules_for(cfg)}
-    reader = ShardedReader(Path(folder))
+    filler = _ParameterFiller(Path(folder))
     try:
         for name, param in named_parameters:
-            rule = rules[name]
             split = getattr(param, "tp_split", None)
             shape = full_shape(param)
             row_ranges = _local_ranges(shape[0], split, 0, tp_rank, tp_size)
             columns = _local_ranges(shape[1], split, 1, tp_rank, tp_size)[0] if len(shape) > 1 else None
-            columns = None if columns == (0, shape[1] if len(shape) > 1 else 0) else columns
-            local = torch.cat([reader.rows(rule, start, stop, columns) for start, stop in row_ranges], dim=0)
-            if local.shape != param.shape:
-                raise WeightFilesError(f"{folder}: {rule.theirs} give {tuple(local.shape)} for {name}, "
+            local = (sum(stop - start for start, stop in row_ranges),) + (() if columns is None else
+                                                                           (columns[1] - columns[0],))
+            if local != tuple(param.shape):
+                raise WeightFilesError(f"{folder}: {name} would get {local} at tp rank {tp_rank} of {tp_size}, "
                                        f"this rank holds {tuple(param.shape)}")
-            param.copy_(local)
+            done = 0
+            for start, stop in row_ranges:  # a fused parameter holds this rank's part of each segment
+                filler.fill(rules[name], (start, stop), columns, shape[1] if len(shape) > 1 else None,
+                            param.data[done:done + stop - start])
+                done += stop - start
     finally:
-        reader.close()
-    return reader.stats
+        filler.reader.close()
+    return filler.stats

@@ -1,6 +1,10 @@
 """The GPT as a DeepSpeed ``PipelineModule``: one ``LayerSpec`` per block, 1F1B over micro-batches.
 
 Stages, in order:  tokens | positions+dropout | block x L | final norm | logits
+Packed SFT rows enter as (tokens, segments) and the segment ids (B, T) travel with the hidden
+states up to the final norm: each stage derives the positions and the block-diagonal mask from
+them (cheaper to send than a (B, T, T) mask; DeepSpeed sends no gradient for integer tensors).
+Without segments a stage passes one tensor, as in pretraining.
 For a tied head (the ``gpt`` default) the first and last entries are one ``TiedLayerSpec``
 (the token embedding, used as the output projection on the last stage); an untied one
 (the ``llama`` default) has its own output layer. Parameter names are translated to the serial GPT's so checkpoints, init and
@@ -9,6 +13,7 @@ export speak one naming.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -20,13 +25,29 @@ from raytron.config import ModelConfig
 from raytron.model.gpt import Block, make_norm, mask_padded_rows
 from raytron.model.init import initialize_parameters
 from raytron.model.layer_factory import LayerFactory
+from raytron.model.loss import micro_batch_loss
+from raytron.model.segments import segment_causal_mask, segment_positions
 from raytron.parallel.topology import Topology
 
 TIED_KEY = "embed"
 
 
-def _positions_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])  # (B, T)
+Activations = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""hidden (B, T, h), or (hidden, segments (B, T)) for packed rows."""
+
+
+def _unpack(x: Activations) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return x if isinstance(x, tuple) else (x, None)
+
+
+def _pack(hidden: torch.Tensor, segments: torch.Tensor | None) -> Activations:
+    return hidden if segments is None else (hidden, segments)
+
+
+def _positions_of(hidden: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    if segments is not None:
+        return segment_positions(segments)  # (B, T), restarting per segment
+    return torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], hidden.shape[1])  # (B, T)
 
 
 class TokenStage(nn.Module):
@@ -36,8 +57,9 @@ class TokenStage(nn.Module):
         self.vocab_size = vocab_size
         self.tokens = layers.embedding(padded_vocab, hidden)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.tokens(tokens)  # (B, T, h)
+    def forward(self, inputs: Activations) -> Activations:
+        tokens, segments = _unpack(inputs)
+        return _pack(self.tokens(tokens), segments)  # (B, T, h)[, (B, T)]
 
 
 def tied_logits(stage: TokenStage, hidden: torch.Tensor) -> torch.Tensor:
@@ -51,15 +73,18 @@ class PositionStage(nn.Module):
         self.positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.flavour == "gpt" else None
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activations) -> Activations:
+        hidden, segments = _unpack(x)
         if self.positions is not None:
-            x = x + self.positions(_positions_like(x))
-        return self.dropout(x)
+            hidden = hidden + self.positions(_positions_of(hidden, segments))
+        return _pack(self.dropout(hidden), segments)
 
 
 class BlockStage(Block):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, _positions_like(x))
+    def forward(self, x: Activations) -> Activations:
+        hidden, segments = _unpack(x)
+        mask = None if segments is None else segment_causal_mask(segments)  # (B, 1, T, T)
+        return _pack(super().forward(hidden, _positions_of(hidden, segments), mask=mask), segments)
 
 
 class NormStage(nn.Module):
@@ -67,8 +92,8 @@ class NormStage(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def forward(self, x: Activations) -> torch.Tensor:
+        return self.norm(_unpack(x)[0])  # the segments end here: the head is per token
 
 
 class OutputStage(nn.Module):
@@ -117,7 +142,7 @@ def build_pipeline(cfg: ModelConfig, topology: Topology, layers: LayerFactory, p
     module = PipelineModule(
         layers=layer_specs(cfg, layers, padded_vocab),
         topology=PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp),
-        loss_fn=layers.loss,
+        loss_fn=functools.partial(micro_batch_loss, layers),
         # blocks are balanced across stages; embedding and head ride on the first and last
         partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if activation_checkpointing else 0,

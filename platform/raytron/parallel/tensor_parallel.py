@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from raytron.model.layer_factory import serial_masked_loss_sum
+from raytron.parallel.cross_entropy import masked_loss_sum, vocab_parallel_cross_entropy
 from raytron.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from raytron.parallel.mappings import copy_to_tp, gather_from_tp
 from raytron.parallel.rng import ShardedRNG
@@ -43,6 +44,11 @@ class TensorParallelLayers:
             return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         vocab_start = self.vocab_start(logits.shape[-1])
         return vocab_parallel_cross_entropy(logits, targets, self.group, vocab_start)
+
+    def masked_loss_sum(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return serial_masked_loss_sum(logits, targets, loss_mask)
+        return masked_loss_sum(logits, targets, loss_mask, self.group, self.vocab_start(logits.shape[-1]))
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return gather_from_tp(logits, self.group)

@@ -192,15 +192,16 @@ class OpenAIServer:
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
 
-    def _legacy_logprobs(self, delta: Delta, echo_offset: int, offset: int, end: int | None = None) -> dict[str, Any]:
-        """A completion delta's logprobs in the legacy shape; with echo the prompt's entries first
-        (they carry text offsets from 0, the generated ones from ``offset``); cut at ``end``, where the
-        returned text ends (a stop string's tokens were generated but are not returned)."""
-        shape = legacy_logprobs(delta.logprobs, self._token_text, offset, end)
+    def _legacy_logprobs(self, delta: Delta, offset: int) -> tuple[dict[str, Any], int]:
+        """A completion delta's logprobs in the legacy shape, and the text offset after its generated
+        tokens; with echo the prompt's entries first (they carry text offsets from 0, the generated
+        ones from ``offset``)."""
+        shape = legacy_logprobs(delta.logprobs, self._token_text, offset)
+        after = offset + sum(map(len, shape["tokens"]))
         if delta.prompt_logprobs is None:
-            return shape
-        prompt = legacy_logprobs(delta.prompt_logprobs, self._token_text, echo_offset)
-        return {key: prompt[key] + shape[key] for key in shape}
+            return shape, after
+        prompt = legacy_logprobs(delta.prompt_logprobs, self._token_text)
+        return {key: prompt[key] + shape[key] for key in shape}, after
 
     async def _completion(self, body: CompletionRequest) -> Response | dict:
         given = body.prompts()
@@ -218,12 +219,15 @@ class OpenAIServer:
         scoring = dict(logprobs=logprobs, echo=echo and logprobs is not None)
         if body.stream:
             async def events() -> AsyncIterator[str]:
-                generated, offsets = 0, dict.fromkeys(opening, 0)
+                # a chunk's generated tokens' text offsets go on from the previous chunk's tokens (as
+                # the whole reply counts them: a token's text may have gone out in an earlier chunk)
+                generated, offsets = 0, {index: len(head) for index, head in opening.items()}
                 async for index, delta in self._merged(choices, **scoring):
                     text = opening.pop(index, "") + delta.text
                     if text or delta.finish_reason or delta.logprobs:
-                        lp = None if logprobs is None else self._legacy_logprobs(delta, 0, offsets[index] + len(text) - len(delta.text))
-                        offsets[index] += len(text)
+                        lp = None
+                        if logprobs is not None:
+                            lp, offsets[index] = self._legacy_logprobs(delta, offsets[index])
                         yield _sse(completion_body(request_id, name, [text_choice(index, text, delta.finish_reason, lp)],
                                                    None, chunk=True))
                     generated += delta.completion_tokens if delta.finish_reason else 0
@@ -234,7 +238,7 @@ class OpenAIServer:
         answers = []
         for choice, delta in zip(choices, done):
             head = opening[choice.index]
-            lp = None if logprobs is None else self._legacy_logprobs(delta, 0, len(head), len(head) + len(delta.text))
+            lp = None if logprobs is None else self._legacy_logprobs(delta, len(head))[0]
             answers.append(text_choice(choice.index, head + delta.text, delta.finish_reason, lp))
         return completion_body(request_id, name, answers, usage(prompt_tokens, sum(d.completion_tokens for d in done)))
 
@@ -269,7 +273,7 @@ class OpenAIServer:
             return self._event_stream(events())
         done = await asyncio.gather(*(self.engine.complete(c.ids, c.params, logprobs) for c in choices))
         answers = [chat_choice(c.index, d.text, d.finish_reason,
-                               None if logprobs is None else chat_logprobs(d.logprobs, self._token_text, end=len(d.text)))
+                               None if logprobs is None else chat_logprobs(d.logprobs, self._token_text))
                    for c, d in zip(choices, done)]
         return completion_body(request_id, name, answers, usage(len(prompt), sum(d.completion_tokens for d in done)),
                                chat=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from raytron.data.chat_template import ChatTemplate
+from raytron.data.chat_template import ChatTemplate, special_tokens_of
+from raytron.parallel.checkpoint_layout import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 from raytron.serve.protocol import ChatMessage
 
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
 TURN_SEPARATOR = "\n\n"
 TURN_STOPS = tuple(f"{TURN_SEPARATOR}{speaker}:" for speaker in SPEAKERS.values())
@@ -94,9 +94,14 @@ def read_tokenizer_config(folder: Path) -> dict:
 
 
 def chat_format(folder: Path, tokenizer: Tokenizer) -> ChatFormat:
-    """The folder's own chat template when its tokenizer_config.json has one, else the paragraphs."""
+    """The folder's own chat template, else the paragraphs. As in transformers 5, a chat_template.jinja
+    (what its save_pretrained writes) wins over tokenizer_config.json's chat_template."""
     config = read_tokenizer_config(folder)
-    if not config.get("chat_template"):
+    template_file = folder / CHAT_TEMPLATE_FILE
+    if template_file.is_file():
+        template = ChatTemplate(template_file.read_text(), special_tokens_of(config))
+    elif config.get("chat_template"):
+        template = ChatTemplate.from_tokenizer_config(config, str(folder / TOKENIZER_CONFIG_FILE))
+    else:
         return PARAGRAPHS
-    template = ChatTemplate.from_tokenizer_config(config, str(folder / TOKENIZER_CONFIG_FILE))
     return ChatFormat(template, (), end_of_turn_ids(template, tokenizer), own=True)

@@ -22,6 +22,8 @@ A request may ask for log-probabilities (``serve/logprobs.py``): of each generat
 top alternatives, and with ``echo`` of its prompt's tokens, scored in the prefill that also fills
 its cache (requests that echo prefill together, apart from those that do not, which keep the
 cheaper last-position logits). A request without sampling parameters only scores its prompt.
+A token's log-probabilities travel with its text: held back while its text is, and dropped with
+it after a stop string's cut, so a choice's logprobs describe its text, streamed or not.
 
 The model runs in a one-thread executor: the event loop stays free to accept requests and
 stream tokens while a step computes.
@@ -83,7 +85,8 @@ class Delta:
     finish_reason: str | None = None
     """'stop' or 'length' on the last delta."""
     logprobs: tuple[TokenLogprob, ...] = ()
-    """Of the tokens generated since the previous delta (when asked for)."""
+    """Of the tokens not sent before whose text starts in the text sent so far (when asked for):
+    held back with their text; at the end, with a stop string cut, those that start before the cut."""
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     """Of the prompt's tokens, on the first delta (with echo)."""
 
@@ -102,6 +105,9 @@ class _Request:
         """Top alternatives per generated token (0: the chosen token's only); None: no logprobs."""
         self.echo = echo
         self.token_logprobs: list[TokenLogprob] = []
+        self.token_starts: list[tuple[int, int]] = []
+        """Per entry of ``token_logprobs``: the length of the text before its token, and how many
+        U+FFFD end that text (see ``_token_start``)."""
         self.prompt_logprobs: list[TokenLogprob] | None = None
         self.logprobs_sent = 0
         params = SCORING_ONLY if params is None else params
@@ -128,11 +134,37 @@ class _Request:
         new = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.sent += new
         finish = state.done.finish_reason if state.done is not None else None
-        logprobs = tuple(self.token_logprobs[self.logprobs_sent:])
-        self.logprobs_sent = len(self.token_logprobs)
+        logprobs = self._logprobs_to_send()
         prompt_logprobs = self.prompt_logprobs
         self.prompt_logprobs = None  # handed over once
         return Delta(new, len(state.tokens), finish, logprobs, None if prompt_logprobs is None else tuple(prompt_logprobs))
+
+    def _logprobs_to_send(self) -> tuple[TokenLogprob, ...]:
+        """The scored tokens not sent yet whose text starts within the text sent so far (``sent``
+        never shrinks, so none of them can fall after a stop string's start later). At the end, after
+        a stop string cut, those that start before the cut; otherwise all of them (zero-width tokens
+        at the very end included)."""
+        done = self.state.done
+        if done is None:
+            bound = len(self.sent)
+        elif len(done.text or "") < len(self.state.text or ""):  # a stop string cut the text
+            bound = len(done.text)
+        else:
+            bound = math.inf
+        text, end = self.state.text or "", self.logprobs_sent
+        while end < len(self.token_logprobs) and _token_start(text, *self.token_starts[end]) < bound:
+            end += 1
+        logprobs = tuple(self.token_logprobs[self.logprobs_sent:end])
+        self.logprobs_sent = end
+        return logprobs
+
+
+def _token_start(text: str, before: int, unfinished: int) -> int:
+    """Where a token starts in ``text``, the text so far, given the length of the text before it and
+    the U+FFFD that ended that text: still there, they were bytes that make no character and the
+    token starts after them; gone, the token finished the character they stood for, which starts
+    at the first of them."""
+    return before if text[before - unfinished:before] == UNFINISHED_BYTES * unfinished else before - unfinished
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
@@ -320,11 +352,14 @@ class Engine:
             [requests[row].top_logprobs for row in wanted]))) if wanted else {}
         for row, (request, token) in enumerate(zip(requests, chosen)):
             state = request.state
+            before = state.text or ""
+            start = (len(before), len(before) - len(before.rstrip(UNFINISHED_BYTES)))  # for _token_start
             # an end token (EOS unless ignored, or a stop token id) finishes the sequence as EOS does
             ends = token in state.params.end_ids(self.eos_id)
             state.accept(token, token if ends else None, self.decode)
             if row in entries and not ends:
                 request.token_logprobs.append(entries[row])
+                request.token_starts.append(start)
 
     def _publish(self, stepped: list[_Request]) -> None:
         now = time.perf_counter()

@@ -6,6 +6,11 @@ PP and TP peers, so only data-parallel groups ever see different data. Sources g
 group the same number of batches per epoch (or the readers agree to end the epoch when one runs
 dry) and never a block to two groups, so each block is used at most once per epoch. The position (epoch, batch) is checkpointed; a source starts an
 epoch at any batch (a resume).
+
+SFT batches also carry ``loss_mask`` (which targets are scored) and, for packed rows,
+``segments`` (which sample each token belongs to): they travel with the tokens in the same
+broadcast. Every rank then learns the global batch's scored count (an all-reduce over the DP
+groups) and gives each micro-batch the factor that makes its masked loss sum the global mean's share.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import torch
 import torch.distributed as dist
 
 from raytron.config import RaytronConfig
+from raytron.parallel.cross_entropy import micro_batch_loss_scale
 from raytron.parallel.topology import Topology
 
 
 class BlockSource(Protocol):
     def batches(self, epoch: int, start: int, rows: int, dp_index: int, dp: int) -> Iterator[dict[str, np.ndarray]]:
         """DP group ``dp_index``'s batches of ``rows`` packed blocks in ``epoch``, from its ``start``-th on:
-        {'tokens': (rows, T+1), optional 'id': (rows,)}. All groups get the same number of batches."""
+        {'tokens': (rows, T+1), optional 'id': (rows,), SFT 'loss_mask': (rows, T+1) bool and, packed,
+        'segments': (rows, T+1) int}. All groups get the same number of batches."""
 
 
 def dp_slices(global_batches: Iterator[dict[str, np.ndarray]], start: int, rows: int,
@@ -40,8 +47,14 @@ def dp_slices(global_batches: Iterator[dict[str, np.ndarray]], start: int, rows:
 class ArraySource:
     """Blocks held in memory, in order (single-process runs and tests)."""
 
-    def __init__(self, tokens: np.ndarray):
+    def __init__(self, tokens: np.ndarray, loss_mask: np.ndarray | None = None, segments: np.ndarray | None = None):
         self.tokens = tokens  # (N, T+1)
+        self.columns = {"tokens": tokens}
+        for name, column in (("loss_mask", loss_mask), ("segments", segments)):
+            if column is not None:
+                if column.shape != tokens.shape:
+                    raise ValueError(f"ArraySource: {name} has shape {column.shape}, tokens {tokens.shape}")
+                self.columns[name] = column  # (N, T+1)
 
     def batches(self, epoch: int, start: int, rows: int, dp_index: int, dp: int) -> Iterator[dict[str, np.ndarray]]:
         return dp_slices(self._global_batches(rows * dp), start, rows, dp_index)
@@ -49,7 +62,26 @@ class ArraySource:
     def _global_batches(self, rows: int) -> Iterator[dict[str, np.ndarray]]:
         ids = np.arange(len(self.tokens))
         for first in range(0, len(self.tokens) - rows + 1, rows):
-            yield {"tokens": self.tokens[first:first + rows], "id": ids[first:first + rows]}
+            yield {**{name: column[first:first + rows] for name, column in self.columns.items()},
+                   "id": ids[first:first + rows]}
+
+
+SFT_COLUMNS = ("loss_mask", "segments")
+"""Optional per-token columns of a batch, after 'tokens'."""
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of this rank: the token blocks and, for SFT, what is scored and how."""
+
+    tokens: torch.Tensor
+    """(mb, T+1) ids."""
+    loss_mask: torch.Tensor | None = None
+    """(mb, T+1) bool, SFT: whether token i is a scored target."""
+    segments: torch.Tensor | None = None
+    """(mb, T+1), packed SFT rows: which sample each token belongs to."""
+    loss_scale: float | None = None
+    """SFT: grad_accum * dp / the global batch's scored count (micro_batch_loss_scale)."""
 
 
 @dataclass
@@ -73,6 +105,7 @@ class StepBatches:
         """Block ids of the last step's DP slice (reader ranks; for audits)."""
         self.wait_seconds = 0.0
         self._iterator: Iterator | None = None
+        self._columns: tuple[str, ...] | None = None
 
     def seek(self, position: DataPosition) -> None:
         self.position = DataPosition(position.epoch, position.batch)
@@ -105,17 +138,44 @@ class StepBatches:
             self.position = DataPosition(self.position.epoch + 1, 0)
             self._iterator = None
 
-    def next(self) -> list[torch.Tensor]:
-        """This rank's micro-batches for the next step: grad_accum tensors of (micro, T+1) token ids."""
+    def _agree_columns(self, batch: dict[str, np.ndarray] | None) -> tuple[str, ...]:
+        """The columns the reader's batches carry ('tokens' and any SFT ones), told to its peers once."""
+        if self._columns is None:
+            present = torch.tensor([int(batch is not None and name in batch) for name in SFT_COLUMNS])
+            group = self.topology.data_source
+            if group.size > 1:
+                dist.broadcast(present, src=group.ranks[0], group=group.group)
+            self._columns = ("tokens",) + tuple(name for name, flag in zip(SFT_COLUMNS, present.tolist()) if flag)
+        return self._columns
+
+    def _loss_scale(self, loss_mask: torch.Tensor) -> float:
+        """micro_batch_loss_scale from the global batch's scored targets (every DP group's, summed)."""
+        scored = loss_mask[:, 1:].sum()  # this DP group's scored targets
+        group = self.topology.data_host
+        if group.size > 1:
+            dist.all_reduce(scored, group=group.group)
+        return micro_batch_loss_scale(int(scored), self.accum, self.topology.layout.dp)
+
+    def next(self) -> list[MicroBatch]:
+        """This rank's micro-batches for the next step: grad_accum of (micro, T+1) token ids and SFT columns."""
         started = time.perf_counter()
-        local = torch.empty(self.micro * self.accum, self.block_len, dtype=torch.long)
-        if self.is_reader:
-            batch = self._next_local_batch()
-            # numpy copies into the tensor's memory: torch.as_tensor of a read-only Arrow-backed array warns
-            local.numpy()[...] = batch["tokens"]
+        batch = self._next_local_batch() if self.is_reader else None
+        columns = self._agree_columns(batch)
+        local = torch.empty(len(columns), self.micro * self.accum, self.block_len, dtype=torch.long)  # (C, rows, T+1)
+        if batch is not None:
+            for index, name in enumerate(columns):
+                # numpy copies into the tensor's memory: torch.as_tensor of a read-only Arrow-backed array warns
+                local[index].numpy()[...] = batch[name]
             self.last_ids = batch["id"].tolist() if "id" in batch else []
         group = self.topology.data_source
         if group.size > 1:
             dist.broadcast(local, src=group.ranks[0], group=group.group)
+        step = dict(zip(columns, local))  # name -> (rows, T+1)
+        scale = None
+        if "loss_mask" in step:
+            step["loss_mask"] = step["loss_mask"].bool()
+            scale = self._loss_scale(step["loss_mask"])
         self.wait_seconds = time.perf_counter() - started
-        return list(local.split(self.micro))
+        parts = {name: column.split(self.micro) for name, column in step.items()}  # name -> accum x (micro, T+1)
+        return [MicroBatch(**{name: split[index] for name, split in parts.items()}, loss_scale=scale)
+                for index in range(self.accum)]

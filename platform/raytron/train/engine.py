@@ -1,8 +1,10 @@
 """The DeepSpeed engine around the GPT: pipelined (pp > 1) or not, tensor-parallel or not.
 
 Both kinds expose the same three calls to the loop: ``train_step`` and ``eval_loss`` on a
-list of micro-batches (token blocks (mb, T+1)), and ``gpt_state`` (this rank's shards under
-the serial GPT's names, for export).
+list of micro-batches (MicroBatch, or bare token blocks (mb, T+1)), and ``gpt_state`` (this
+rank's shards under the serial GPT's names, for export). An SFT micro-batch's loss is its masked
+sum scaled so that both the gradient and the reported loss are the global batch's masked mean
+(raytron.model.loss); pretraining's is the mean over its tokens, as before.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from raytron.parallel.hf_import import load_init_from
 from raytron.parallel.pipeline import build_pipeline, gpt_name
 from raytron.parallel.tensor_parallel import TensorParallelLayers
 from raytron.parallel.topology import Topology
+from raytron.train.batches import MicroBatch
 from raytron.train.schedule import lr_multiplier
 
 
@@ -85,18 +88,34 @@ class TrainingEngine:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def _pairs(self, micro_batches: list[torch.Tensor]):
-        for block in micro_batches:
-            block = block.to(self.device)
-            yield block[:, :-1], block[:, 1:]  # inputs, targets: (mb, T) each
+    def _pairs(self, micro_batches: list[MicroBatch | torch.Tensor]):
+        """(inputs, labels) per micro-batch, as the pipeline takes them: inputs are tokens (mb, T), or
+        (tokens, segments (mb, T)) for packed rows; labels are targets (mb, T), or SFT's
+        (targets, loss_mask (mb, T), scale ())."""
+        for batch in micro_batches:
+            batch = batch if isinstance(batch, MicroBatch) else MicroBatch(batch)
+            block = batch.tokens.to(self.device)
+            inputs, labels = block[:, :-1], block[:, 1:]
+            if batch.segments is not None:
+                inputs = (inputs, batch.segments[:, :-1].to(self.device))
+            if batch.loss_mask is not None:
+                labels = (labels, batch.loss_mask[:, 1:].to(self.device), torch.tensor(batch.loss_scale))
+            yield inputs, labels
 
-    def train_step(self, micro_batches: list[torch.Tensor]) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the loss averaged over DP."""
+    def _loss(self, inputs, labels) -> torch.Tensor:
+        """The non-pipelined model's loss of one micro-batch."""
+        tokens, segments = inputs if isinstance(inputs, tuple) else (inputs, None)
+        logits = self.engine(tokens) if segments is None else self.engine(tokens, segments=segments)
+        return self.engine.module.loss(logits, labels)
+
+    def train_step(self, micro_batches: list[MicroBatch | torch.Tensor]) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the loss averaged over DP
+        (SFT: the global batch's masked mean)."""
         if self.pipelined:
             return float(self.engine.train_batch(self._pairs(micro_batches)))
         losses = []
-        for inputs, targets in self._pairs(micro_batches):
-            loss = self.engine.module.loss(self.engine(inputs), targets)
+        for inputs, labels in self._pairs(micro_batches):
+            loss = self._loss(inputs, labels)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
                 self._measure_grad_norm()
@@ -105,12 +124,12 @@ class TrainingEngine:
         return self._mean_over_dp(torch.stack(losses).mean())
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[torch.Tensor]) -> float:
+    def eval_loss(self, micro_batches: list[MicroBatch | torch.Tensor]) -> float:
         if self.pipelined:
             loss = self.engine.eval_batch(self._pairs(micro_batches), num_micro_batches=len(micro_batches))
             return float(loss)
         self.engine.eval()
-        losses = [self.engine.module.loss(self.engine(x), y) for x, y in self._pairs(micro_batches)]
+        losses = [self._loss(inputs, labels) for inputs, labels in self._pairs(micro_batches)]
         self.engine.train()
         return self._mean_over_dp(torch.stack(losses).mean())
 

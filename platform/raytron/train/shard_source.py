@@ -9,6 +9,9 @@ one holding its row b * r on: what was consumed is not read again. The rows past
 batch of each range (fewer than r per group, plus rows % dp) sit out that epoch; the next
 epoch's shuffle leaves out others.
 
+SFT shards carry ``loss_mask`` (and, packed, ``segments``) next to ``tokens``: every per-token
+column a shard holds is read and permuted with its rows.
+
 Reading is a Ray Data pipeline, one task per (shard, row range) piece, order preserved and
 prefetched, so reading overlaps the training step.
 """
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
@@ -91,11 +95,22 @@ def _read_piece(batch: dict[str, np.ndarray], seed: int, block_len: int,
                 filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
     """Ray Data task: read one shard, permute its rows for the epoch, keep the piece's range."""
     piece = Piece(**{key: column[0].item() if hasattr(column[0], "item") else column[0] for key, column in batch.items()})
-    table = pq.read_table(piece.path, filesystem=filesystem, columns=["tokens", "id"])
+    shard = pq.ParquetFile(piece.path, filesystem=filesystem)
+    # every per-token (list) column: tokens, and SFT's loss_mask and segments where the shard has them
+    block_columns = [field.name for field in shard.schema_arrow if pa.types.is_list(field.type)]
+    table = shard.read(columns=block_columns + ["id"])
     if table.num_rows != piece.rows:
         raise ValueError(f"{piece.url}: {table.num_rows} rows, the manifest says {piece.rows}; "
                          "the prepared data changed under the run")
     chosen = np.random.default_rng([seed, piece.epoch, piece.shard]).permutation(piece.rows)[piece.start:piece.stop]
-    tokens = table.column("tokens").combine_chunks().flatten().to_numpy().reshape(piece.rows, block_len)
-    ids = table.column("id").to_numpy()
-    return {"tokens": tokens[chosen], "id": ids[chosen]}  # (piece rows, T+1), (piece rows,)
+    read = {name: _blocks(table, name, block_len, piece.url)[chosen] for name in block_columns}  # (piece rows, T+1)
+    return {**read, "id": table.column("id").to_numpy()[chosen]}
+
+
+def _blocks(table: pa.Table, name: str, block_len: int, url: str) -> np.ndarray:
+    """A list column of rows x block_len values as a (rows, block_len) array."""
+    values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if len(values) != table.num_rows * block_len:
+        raise ValueError(f"{url}: column {name!r} holds {len(values)} values, expected {table.num_rows} rows of "
+                         f"train.seq_len + 1 = {block_len}; the data was prepared for another seq_len")
+    return values.reshape(table.num_rows, block_len)

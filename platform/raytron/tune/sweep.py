@@ -29,6 +29,7 @@ from raytron.tune.capacity import TRIAL_ACTOR_CPUS, concurrent_trials, require_h
 from raytron.tune.export_best import ExportBestError, export_best_trial
 from raytron.tune.layouts import layout_sweep
 from raytron.tune.space import param_space, sweep_name, trial_overrides, validate_sweep
+from raytron.tune.state import SweepState, SweepStateError, read_sweep_state, write_sweep_state
 from raytron.tune.tracking import ChildRunStatus, best_value, find_child_run, log_sweep_results, open_parent_run
 from raytron.tune.trial import SweepContext, run_trial
 
@@ -51,7 +52,7 @@ class SweepError(RuntimeError):
     pass
 
 
-EXPECTED_ERRORS = (SweepError, ResourceError, StorageError, ExportBestError, RegistrationError)
+EXPECTED_ERRORS = (SweepError, SweepStateError, ResourceError, StorageError, ExportBestError, RegistrationError)
 """What `raytron tune` reports as one line (a bad config raises ConfigError, which the CLI reports too)."""
 
 
@@ -114,8 +115,18 @@ def run_sweep(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".
                          "or set tune.name to start another")
     if resume and not exists:
         raise SweepError(f"--resume: no sweep named {name} at {experiment_url}")
-    data = training_data(cfg, Path(workdir).absolute())  # once, for every trial
-    parent = open_parent_run(cfg, name, experiment_url, resume)
+    previous = read_sweep_state(cfg, experiment_url) if resume else None
+    if previous is not None and previous.workdir != str(Path(workdir).absolute()):
+        log.info("--resume: reading the data from the first driver's workdir %s", previous.workdir)
+    workdir = Path(previous.workdir) if previous is not None else Path(workdir).absolute()
+    data = training_data(cfg, workdir)  # once, for every trial
+    if previous is not None and previous.data_fingerprint != data.manifest_hash:
+        raise SweepError(f"--resume: the data changed since the sweep started (fingerprint "
+                         f"{previous.data_fingerprint[:12]} then, {data.manifest_hash[:12]} now); the trials' "
+                         "checkpoints index the old data: start another sweep with a new tune.name")
+    parent = open_parent_run(cfg, name, previous.parent_run_id if previous is not None else None)
+    if previous is None:  # before Tune writes its experiment: a sweep that can be resumed has its state
+        write_sweep_state(cfg, experiment_url, SweepState(parent.run_id, str(workdir), data.manifest_hash))
     tracking_uri = resolve_tracking_uri(cfg.tracking)
     context = SweepContext(cfg.to_dict(), name, experiment_url, data, parent.run_id)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_ACTOR_CPUS})
@@ -138,12 +149,15 @@ def run_sweep(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".
     except BaseException:
         parent.finish("FAILED")
         raise
+    if grid.num_terminated + grid.num_errors < len(grid):  # Tune returns early on SIGINT, trials unfinished
+        parent.finish("KILLED")
+        raise SweepError(f"sweep {name} interrupted with trials unfinished: pass --resume to continue it")
     rows = ranked_rows(grid, cfg, tracking_uri, parent.run_id)
     best = rows[0] if rows and rows[0][cfg.tune.metric] is not None else None
     log_sweep_results(parent, rows, cfg.tune.metric, best)
     result = SweepResult(name, experiment_url, rows, best, parent.run_id, tracking_uri)
     if cfg.tune.export_best and best is not None:
-        result.export = export_best_trial(cfg, experiment_url, best, parent.run_id, Path(workdir).absolute())
+        result.export = export_best_trial(cfg, experiment_url, best, parent.run_id, workdir)
     parent.finish("FINISHED")
     return result
 

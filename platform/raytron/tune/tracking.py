@@ -2,7 +2,7 @@
 
 Tune's MLflowLoggerCallback is not used: it makes new runs when a sweep is restored and does not nest.
 Instead runs are found again by tags: the parent by the id saved beside the Tune experiment
-(SWEEP_STATE_FILE), a child by its parent and its Tune trial id (stable across ``Tuner.restore``). So a
+(raytron.tune.state), a child by its parent and its Tune trial id (stable across ``Tuner.restore``). So a
 resumed sweep continues the same runs. The trial function opens its child run and the training workers
 log every step into it; the driver's ``ChildRunStatus`` callback ends it, because a trial that ASHA stops
 is an actor Tune kills: it cannot end its own run.
@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from ray.tune import Callback
 
 from raytron.config import RaytronConfig
-from raytron.storage import StorageError, join_url, read_bytes, write_bytes
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.tune.space import trial_overrides
 
@@ -31,28 +30,17 @@ STOPPED_AT_TAG = "raytron.tune.stopped_at_step"
 ERROR_TAG = "raytron.tune.error"
 BEST_TRIAL_TAG = "raytron.tune.best_trial_id"
 BEST_RUN_TAG = "raytron.tune.best_run_id"
-SWEEP_STATE_FILE = "raytron_sweep.json"
 RESULTS_ARTIFACT = "tune_results.json"
 
 
-def open_parent_run(cfg: RaytronConfig, sweep: str, experiment_url: str, resume: bool) -> RunTracker:
-    """The sweep's parent run: a new one, or with ``resume`` the one this experiment started."""
-    state_url = join_url(experiment_url, SWEEP_STATE_FILE)
-    previous = None
-    if resume:
-        try:
-            previous = json.loads(read_bytes(state_url, cfg.data.endpoint_url, cfg.data.region))["parent_run_id"]
-        except StorageError:
-            previous = None
-    tracker = RunTracker.start(cfg.model_copy(update={"name": sweep}), run_id=previous)
+def open_parent_run(cfg: RaytronConfig, sweep: str, previous_run_id: str | None) -> RunTracker:
+    """The sweep's parent run: a new one, or (on resume) the one the first driver started."""
+    tracker = RunTracker.start(cfg.model_copy(update={"name": sweep}), run_id=previous_run_id)
     tune = cfg.tune
     tracker.set_tags({SWEEP_TAG: sweep, "raytron.tune.scheduler": tune.scheduler, "raytron.tune.metric": tune.metric,
                       "raytron.tune.mode": tune.mode,
                       "raytron.tune.search_space": json.dumps(
                           {key: {dist.kind: list(dist.values)} for key, dist in tune.search_space.items()})})
-    if tracker.run_id and previous is None:
-        write_bytes(state_url, json.dumps({"parent_run_id": tracker.run_id}).encode(), cfg.data.endpoint_url,
-                    cfg.data.region)
     return tracker
 
 

@@ -1,6 +1,7 @@
 """What the dashboards test watches, run as a driver of its own cluster ($RAY_ADDRESS):
-`python -m tests.integration.dashboard_load WORKDIR` serves a tiny model under steady streaming load
-and trains tiny_smoke with eval_every and checkpoint_every, until killed. Prints READY once both run."""
+`python -m tests.integration.dashboard_load WORKDIR` serves a tiny model (one replica of TENSOR_PARALLEL
+ranks) under steady streaming load and trains tiny_smoke with eval_every and checkpoint_every, until
+killed. Prints READY once both run."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from tests.integration.test_serve_api import API_KEY, MODEL_NAME, serve_config, 
 from tests.servers import free_port
 
 CLIENTS = 3
+TENSOR_PARALLEL = 2
+"""Ranks of the served replica: the TP-ranks panel must show them."""
 
 
 def keep_streaming(base_url: str) -> None:
@@ -40,7 +43,9 @@ def keep_streaming(base_url: str) -> None:
 
 def main(workdir: Path) -> None:
     ray.init()
-    url = run_app(build_serve_config(serve_config(str(tiny_export(workdir / "model")), free_port())))
+    config = serve_config(str(tiny_export(workdir / "model")), free_port())
+    config["deployment"]["tensor_parallel"] = TENSOR_PARALLEL
+    url = run_app(build_serve_config(config))
     for _ in range(CLIENTS):
         threading.Thread(target=keep_streaming, args=(url,), daemon=True).start()
     cfg = load_config("jobs/configs/tiny_smoke.yaml", [

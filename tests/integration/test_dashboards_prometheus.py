@@ -1,8 +1,9 @@
 """Both Grafana dashboards against a real Prometheus (issue 15, test e): Debian's Prometheus on 127.0.0.1
 scrapes a fake autoscaling Ray cluster (targets from the file Ray's dashboard writes, rewritten to
-127.0.0.1) while a tiny model trains with eval_every and checkpoint_every and a served model streams
-to three clients. Every expression of both boards, with the Grafana variables substituted as Grafana
-would, must return data through /api/v1/query at one moment."""
+127.0.0.1) while a tiny model trains with eval_every and checkpoint_every and a served model (one
+replica of 2 tensor-parallel ranks) streams to three clients. Every expression of both boards, with the
+Grafana variables substituted as Grafana would, must return data through /api/v1/query at one moment,
+and the TP-ranks panel shows the replica's 2 ranks."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ import pytest
 import yaml
 
 from tests.fake_cluster import REPO, fake_autoscaling_cluster
+from tests.integration.dashboard_load import TENSOR_PARALLEL
 from tests.servers import PROMETHEUS, prometheus_server
 from tests.unit.test_dashboards import SERVING, TRAINING, expressions, load
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not PROMETHEUS.is_file(), reason=f"no Prometheus at {PROMETHEUS} (`make test` unpacks it)")]
 
-# Panels with nothing to show here, skipped by name: no serve replica spans TP ranks yet (serve/ has no
-# TP replicas), and MFU needs a GPU's peak FLOP/s (none is defined for CPUs).
-NOT_YET_EXPORTED = {"TP ranks per replica", "MFU"}
+# The one panel with nothing to show here, skipped by name: MFU needs a GPU's peak FLOP/s (none is defined
+# for CPUs). The served replica spans 2 TP ranks (dashboard_load.TENSOR_PARALLEL), so its panel is checked too.
+NOT_YET_EXPORTED = {"MFU"}
+TP_RANKS_PANEL = "TP ranks per replica"
+POLL_S = 1
 RATE_INTERVAL = "30s"  # what Grafana's $__rate_interval gives for a 1 s scrape with a short range
 STARTUP_S = 600
 DEADLINE_S = 120
@@ -69,6 +73,12 @@ def has_data(title: str, expr: str, prometheus) -> bool:
     return bool(prometheus.query(substituted(expr, prometheus)))
 
 
+def tp_ranks_shown(prometheus) -> list[int]:
+    """The values of the TP-ranks panel, one per replica."""
+    (expr,) = [expr for title, expr in expressions(load(SERVING)) if title == TP_RANKS_PANEL]
+    return [int(float(sample["value"][1])) for sample in prometheus.query(substituted(expr, prometheus))]
+
+
 def empty_expressions(prometheus) -> list[str]:
     return [f"{title}: {expr}" for board in (load(TRAINING), load(SERVING)) for title, expr in expressions(board)
             if title not in NOT_YET_EXPORTED and not has_data(title, expr, prometheus)]
@@ -97,13 +107,14 @@ def test_every_dashboard_expression_returns_data(cluster, tmp_path):
             # DeepSpeed's start-up (and its JIT-built comm op on a fresh machine) comes before the first step
             started = time.monotonic() + STARTUP_S
             while not prometheus.query("ray_raytron_train_step") and time.monotonic() < started:
-                time.sleep(3)
+                time.sleep(POLL_S)
             deadline = time.monotonic() + DEADLINE_S
             empty = empty_expressions(prometheus)
             while empty and time.monotonic() < deadline:
-                time.sleep(3)
+                time.sleep(POLL_S)
                 empty = empty_expressions(prometheus)
             assert empty == [], f"expressions without data after {DEADLINE_S} s: {empty}"
+            assert tp_ranks_shown(prometheus) == [TENSOR_PARALLEL], "the TP-ranks panel must show the replica's 2 ranks"
             # and still so a few scrapes later: rarely updated series must not vanish between updates
             time.sleep(5)
             assert empty_expressions(prometheus) == []

@@ -27,6 +27,7 @@ from raytron.tracking.metric_sender import BackgroundMetricSender
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
 from raytron.train.placement import ARTIFACT as PLACEMENT_ARTIFACT
 from raytron.train.placement import PlacementError, gather_placement
+from raytron.train.ray_data_actors import start_ray_data_actors_here
 from raytron.train.progress import ProgressLine
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
@@ -174,6 +175,7 @@ def fit(cfg: RaytronConfig, train_data: Dataset | BlockSource, validation_data: 
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
+    start_ray_data_actors_here()  # else a worker starts them on its autoscaled node, which then never scales down
     with reporting_scale_up(cfg, capacity):
         result = trainer.fit()
     metrics = result.return_value or {}

@@ -6,6 +6,10 @@ clock starts when its process is created. Two ways to find the cluster, as users
   cold   RAY_ADDRESS=local: the command starts a new local cluster (GCS, raylet, dashboard, agents)
   warm   a cluster the bench started before with `ray start --head` (its own ports and temp dir),
          joined through RAY_ADDRESS as `ray job submit` and long-lived clusters are
+  zero   a fake autoscaling cluster (tests/fake_cluster.py, Ray's fake_multinode provider) whose only
+         worker node type offers the custom resource the run asks for (`resources.custom`), 0 nodes at
+         rest: the run is timed first from zero nodes, then again on the same cluster with the node
+         still up (static); the ratio zero / static is what scaling from zero costs (issue 15)
 
 Both run after an untimed `raytron prepare` of the same config and with an existing MLflow sqlite
 database: the prepared shards and the database are reused by every run after the first.
@@ -19,6 +23,7 @@ show on 2 shared cores.
 
     .venv/bin/python bench/bench_startup.py                      # cold and warm, one run each
     .venv/bin/python bench/bench_startup.py --cluster cold --runs 2
+    .venv/bin/python bench/bench_startup.py --cluster zero
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from cpu_sampler import CpuSampler  # bench/, next to this file
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs/configs/tiny_smoke.yaml"
+ZERO_RESOURCE = "zeronode"
+"""The custom resource only the fake cluster's autoscaled node type offers (2 per node: one node hosts the run)."""
 
 
 def overrides(args, storage: Path) -> list[str]:
@@ -89,7 +96,7 @@ def child(args) -> None:
     workdir = Path(args.workdir)
     restore = worker_marks.install(workdir / "marks")
     try:
-        status = cli.main(["train", str(CONFIG), *set_flags(overrides(args, Path(args.storage)))])
+        status = cli.main(["train", str(CONFIG), *set_flags(overrides(args, Path(args.storage)) + args.extra_set)])
         marks["returned"] = time.time()
     finally:
         restore()
@@ -177,11 +184,14 @@ def load() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def timed_run(args, mode: str, workdir: Path, env: dict, cluster: WarmCluster | None) -> None:
+def timed_run(args, mode: str, workdir: Path, env: dict, cluster_pid: int = 0, extra_set: tuple[str, ...] = (),
+              node_starts=lambda: []) -> float:
+    """One timed `raytron train`; prints its timeline and returns the seconds to its first finished step.
+    ``node_starts()`` gives (label, epoch seconds) of the cluster's nodes, read after the run."""
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     command = [sys.executable, __file__, "--child", f"--workdir={run_dir}", f"--storage={workdir / 'runs'}",
-               f"--pp={args.pp}", f"--dp={args.dp}",
-               f"--cluster-pid={cluster.process.pid if cluster else 0}"]
+               f"--pp={args.pp}", f"--dp={args.dp}", f"--cluster-pid={cluster_pid}",
+               *[f"--extra-set={value}" for value in extra_set]]
     before = load()
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
     line = next((line for line in out.stdout.splitlines() if line.startswith("STARTUP_JSON ")), None)
@@ -201,7 +211,10 @@ def timed_run(args, mode: str, workdir: Path, env: dict, cluster: WarmCluster | 
          driver["connected"] - zero),
         ("driver: prepared data found (manifest read)", driver["data"] - zero),
         ("driver: MLflow run opened, fit() called", driver["fit_called"] - zero),
-        *[(f"controller log: {message[:52]}", stamp - zero) for message, stamp in result["controller"]],
+        # the controller logs and the node table also hold earlier runs on the same cluster: keep this run's
+        *[(f"controller log: {message[:52]}", stamp - zero)
+          for message, stamp in result["controller"] if stamp >= zero],
+        *[(label, stamp - zero) for label, stamp in node_starts() if stamp >= zero],
         ("workers: last worker process created", last_rank("process_created")),
         ("workers: train function entered (last rank)", last_rank("entered")),
         ("workers: deepspeed + raytron imported (last rank)", last_rank("imported")),
@@ -224,11 +237,36 @@ def timed_run(args, mode: str, workdir: Path, env: dict, cluster: WarmCluster | 
     first = last_rank("step_end", 0)
     print(f"  RESULT start-up ({mode} cluster): first finished step {first:.2f} s after `raytron train` started "
           f"(goal <= 20 s: {'met' if first <= 20 else 'NOT met'})", flush=True)
+    return first
+
+
+def zero_and_static(args, workdir: Path, env: dict) -> None:
+    """The same run from zero worker nodes, then on the same cluster with its node up (issue 15's bench)."""
+    sys.path.insert(0, str(REPO))
+    from tests.fake_cluster import fake_autoscaling_cluster
+
+    node_type = {"fake.zero": {"resources": {"CPU": 2, ZERO_RESOURCE: 2}, "max_workers": 1}}
+    # a long idle timeout keeps the node for the static run; the dashboard serves the state API (node start times)
+    with fake_autoscaling_cluster(node_type, head_cpus=2, idle_timeout_minutes=30, dashboard=True) as cluster:
+        def node_starts() -> list[tuple[str, float]]:
+            done = cluster.driver("import json, ray; from ray.util.state import list_nodes; ray.init(); "
+                                  "print(json.dumps([(n.is_head_node, n.start_time_ms) for n in list_nodes(detail=True)]))")
+            nodes = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+            return [("autoscaler: the worker node's raylet started", start_ms / 1000)
+                    for is_head, start_ms in nodes if not is_head]
+
+        run_env = {**env, **cluster.env}
+        extra = (f"resources.custom={{{ZERO_RESOURCE}: 1}}",)
+        seconds = {mode: timed_run(args, mode, workdir, run_env, cluster.head_pid, extra, node_starts)
+                   for mode in ("zero", "static")}
+    print(f"  RESULT scale from zero: first step {seconds['zero']:.2f} s from zero nodes / {seconds['static']:.2f} s "
+          f"with the node up = {seconds['zero'] / seconds['static']:.2f}x", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cluster", choices=["cold", "warm", "both"], default="both")
+    parser.add_argument("--cluster", choices=["cold", "warm", "both", "zero"], default="both",
+                        help="both = cold and warm; zero = from zero autoscaled nodes vs the same nodes up")
     parser.add_argument("--runs", type=int, default=1, help="timed runs per cluster mode")
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--dp", type=int, default=1)
@@ -236,6 +274,7 @@ def main() -> None:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--storage", help=argparse.SUPPRESS)
     parser.add_argument("--cluster-pid", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--extra-set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -250,13 +289,17 @@ def main() -> None:
         subprocess.run(prepare, check=True, cwd=REPO, env={**env, "RAY_ADDRESS": "local"}, capture_output=True)
         subprocess.run([sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
                         env["MLFLOW_TRACKING_URI"]], check=True, env=env, capture_output=True)
+        if args.cluster == "zero":
+            zero_and_static(args, workdir, env)
+            return
         for mode in (["cold", "warm"] if args.cluster == "both" else [args.cluster]):
             cluster = WarmCluster(num_cpus=4) if mode == "warm" else None
             try:
                 for _ in range(args.runs):
                     # a `ray start` cluster wants its token (~/.ray/auth_token) from clients
                     joined = {"RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "token"} if cluster else {}
-                    timed_run(args, mode, workdir, {**env, "RAY_ADDRESS": "local", **joined}, cluster)
+                    timed_run(args, mode, workdir, {**env, "RAY_ADDRESS": "local", **joined},
+                              cluster.process.pid if cluster else 0)
             finally:
                 if cluster is not None:
                     cluster.stop()

@@ -41,6 +41,8 @@ class FakeCluster:
     """Environment for a driver of this cluster (address, token auth, where the autoscaling config is)."""
     config_path: Path
     """The autoscaling config the head runs with."""
+    head_pid: int
+    """`ray start --head --block`: every process of the cluster, the fake nodes' too, descends from it."""
 
     def driver(self, code: str, timeout: float = 240, extra_env: dict | None = None) -> subprocess.CompletedProcess:
         """Run ``code`` in a fresh Python process connected to this cluster (a test process may already
@@ -103,7 +105,7 @@ def fake_autoscaling_cluster(worker_types: dict[str, dict], head_cpus: int = 2, 
     # the v1 autoscaler publishes no node types: raytron reads the launcher YAML, as it would on a `ray up` head
     driver_env = {**env, "RAY_ADDRESS": address, "PYTHONPATH": _pythonpath(),
                   "RAYTRON_AUTOSCALING_CONFIG": str(config_path)}
-    cluster = FakeCluster(address, temp_dir, driver_env, config_path)
+    cluster = FakeCluster(address, temp_dir, driver_env, config_path, process.pid)
     try:
         _wait_until_up(cluster, process, log_path)
         yield cluster

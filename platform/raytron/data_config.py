@@ -35,7 +35,7 @@ class DataConfig(Section):
     text_field: str = "text"
     """JSONL key / Parquet column holding each document's text (text files: one document per file)."""
     tokenizer: str | None = None
-    """Path/URL of a tokenizer.json or a folder holding one (SFT reads tokenizer_config.json too); default: trained."""
+    """Path/URL of a tokenizer.json or a folder holding one (SFT reads tokenizer_config.json too); default: model.init_from's folder, else trained."""
     tokenizer_sample_bytes: PositiveInt = 20_000_000
     """Text read (sorted sources, from the start) to train the tokenizer when data.tokenizer is null."""
     prepared: str | None = None

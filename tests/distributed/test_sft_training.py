@@ -1,8 +1,8 @@
 """SFT training on real gloo processes through the training loop and the DeepSpeed engines.
 
 The same global batches of packed rows with uneven scored counts, split as (micro 4, accum 1),
-(micro 1, accum 4), dp=2, pp=2 and tp=2, give the same losses, gradient norms and validation
-loss; the first step's loss and norm are those of plain torch (masked mean cross-entropy of the
+(micro 1, accum 4), dp=2, pp=2, tp=2, pp=2 x tp=2 and pp=2 with activation checkpointing (the
+segments recomputed with the blocks), give the same losses, gradient norms and validation loss; the first step's loss and norm are those of plain torch (masked mean cross-entropy of the
 freshly initialised serial model over the whole global batch). At tp=2 a packed row's logits
 equal each sample's alone, as in the serial model."""
 
@@ -31,6 +31,9 @@ LAYOUTS = {  # every split keeps the global batch at GLOBAL rows
     "dp2": ["train.micro_batch_size=1", "train.grad_accum_steps=2", "parallel.dp=2"],
     "pp2": ["train.micro_batch_size=2", "train.grad_accum_steps=2", "parallel.pp=2"],
     "tp2": ["train.micro_batch_size=2", "train.grad_accum_steps=2", "parallel.tp=2"],
+    "pp2_tp2": ["train.micro_batch_size=2", "train.grad_accum_steps=2", "parallel.pp=2", "parallel.tp=2"],
+    "pp2_recompute": ["train.micro_batch_size=2", "train.grad_accum_steps=2", "parallel.pp=2",
+                      "train.activation_checkpointing=true"],
 }
 
 
@@ -108,7 +111,7 @@ def test_first_step_is_the_global_masked_mean(reference):
     assert reference["losses"][-1] < reference["losses"][0]  # it learns
 
 
-@pytest.mark.parametrize("layout", ["micro1_accum4", "dp2", "pp2", "tp2"])
+@pytest.mark.parametrize("layout", ["micro1_accum4", "dp2", "pp2", "tp2", "pp2_tp2", "pp2_recompute"])
 def test_every_split_trains_like_one_micro_batch(layout, reference, tmp_path):
     result = run_layout(tmp_path, layout)
     assert result["losses"] == pytest.approx(reference["losses"], abs=1e-5)

@@ -1,7 +1,8 @@
 """prepare on SFT JSONL (chat, prompt_completion) with a real local Ray: every row is what SftEncoder makes
 of its record (padded, or packed whole with segments), in file order and split by the record's hash;
 bad records and too-long samples follow their policies naming file:line and are counted; the template
-comes from the tokenizer folder and is part of the fingerprint; reruns are byte-identical or reused."""
+comes from the tokenizer folder and is part of the fingerprint; reruns are byte-identical or reused; with only
+model.init_from set, chats and text are tokenized as transformers tokenizes them with that folder's tokenizer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
-from raytron.config import load_config
+from jobs.make_sft_smoke_inputs import write_base_model
+
+from raytron.config import load_config, read_run_mapping
 from raytron.data.chat_template import ChatTemplate
 from raytron.data.encode import is_validation
 from raytron.data.manifest import fingerprint
@@ -20,10 +24,13 @@ from raytron.data.records import BadRecordError
 from raytron.data.sft_encode import SampleTooLongError, SftEncoder, encode_record, leading_bos, special_ids
 from raytron.data.shards import read_columns
 from raytron.data.sources import list_sources
-from raytron.data.tokenizer import load_tokenizer
+from raytron.data.tokenizer import EOS_TOKEN, load_tokenizer
 from raytron.data.tokenizer_source import load_configured
 from raytron.data.demo_chat import (CHATML_TEMPLATE, chat_records, prompt_completion_records,
                                         write_chatml_tokenizer, write_jsonl)
+from raytron.parallel.hf_import import resolve_init_from
+from raytron.parallel.init_source import local_folder
+from tests.integration.test_init_from_sources import upload
 from tests.integration.test_prepare_local import tree_bytes
 
 SEQ_LEN = 96
@@ -209,3 +216,40 @@ def test_the_template_is_in_the_fingerprint(chats, tokenizer_folder, tmp_path):
     (folder / "chat_template.jinja").write_text(CHATML_TEMPLATE)  # transformers 5's file wins over the config's
     assert len({before, changed, digest()}) == 3
     assert identity(cfg, list_sources(cfg), load_configured(cfg))["sft"]["chat_template"] == CHATML_TEMPLATE
+
+
+def test_init_from_alone_tokenizes_chats_and_text_as_transformers_with_its_folder(ray_cluster, chats, s3_server,
+                                                                                   tmp_path, monkeypatch):
+    base = write_base_model(tmp_path / "base")  # config.json + weights + tokenizer.json + tokenizer_config.json
+    theirs = AutoTokenizer.from_pretrained(base)
+    common = [f"model.init_from={base}", f"train.seq_len={SEQ_LEN}", "data.validation_fraction=0.2"]
+    cfg = resolve_init_from(*read_run_mapping(None, [*common, f"data.source={chats}", "data.format=chat",
+                                                     f"data.prepared={tmp_path / 'chat'}"]))
+    assert cfg.data.tokenizer == str(base)
+    manifest = prepare(cfg).manifest
+    assert manifest.settings["sft"]["chat_template_source"] == f"{base}/tokenizer_config.json"
+    lines = [line for source in list_sources(cfg) for line in Path(source.url).read_text().splitlines()]
+    train = [json.loads(line)["messages"] for line in lines if not is_validation(line, 0.2)]
+    rows = read_columns(manifest.splits["train"])["tokens"]
+    assert len(rows) == len(train)
+    for row, messages in zip(rows, train):  # the folder's template rendered and tokenized, as transformers does
+        ids = theirs.apply_chat_template(messages, tokenize=True)["input_ids"]
+        assert len(ids) <= SEQ_LEN + 1 and row[:len(ids)].tolist() == ids
+    # pretraining text: the folder's tokenizer too, each document's ids then EOS, cut into blocks
+    texts = [" ".join(message["content"] for message in messages) for messages in train]
+    corpus = write_jsonl(tmp_path / "text" / "docs.jsonl", [{"text": text} for text in texts])
+    cfg = resolve_init_from(*read_run_mapping(None, [*common, f"data.source={corpus}", "data.validation_fraction=0",
+                                                     f"data.prepared={tmp_path / 'text-out'}"]))
+    assert cfg.data.tokenizer == str(base)
+    blocks = read_columns(prepare(cfg).manifest.splits["train"])["tokens"]
+    stream = [i for text in texts for i in [*theirs(text)["input_ids"], theirs.convert_tokens_to_ids(EOS_TOKEN)]]
+    assert blocks.size > 0 and blocks.reshape(-1).tolist() == stream[:blocks.size]
+    # an s3:// init_from: its node-local copy, the folder checkpoints take the tokenizer files from
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RAYTRON_CACHE_DIR", str(tmp_path / "cache"))
+    s3_server.create_bucket("sft-tokenizer")
+    upload(base, "s3://sft-tokenizer/base")
+    cfg = resolve_init_from(*read_run_mapping(None, ["model.init_from=s3://sft-tokenizer/base", "data.format=chat"]))
+    assert cfg.data.tokenizer == str(local_folder("s3://sft-tokenizer/base")) != str(base)
+    assert load_configured(cfg).json == (base / "tokenizer.json").read_text()

@@ -26,7 +26,7 @@ from raytron.data.sources import SourceFile, data_filesystem, list_sources
 from raytron.data.stream import BadRecords, document_dataset
 from raytron.data.tokenizer import TOKENIZER_FILE
 from raytron.data.tokenizer_source import (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TokenizerConfig, TokenizerSpec,
-                                          load_configured, train_on_sample)
+                                          given_tokenizer, train_on_sample)
 from raytron.storage import delete, is_remote, join_url, write_bytes
 
 
@@ -107,7 +107,7 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
     started = time.monotonic()
     data = cfg.data
     sources = list_sources(cfg, workdir)
-    given = load_configured(cfg) if data.tokenizer else None
+    given = given_tokenizer(cfg)
     sft = sft_setup(data, given) if data.is_sft else None
     settings = identity(cfg, sources, given, sft)
     digest = fingerprint(settings)

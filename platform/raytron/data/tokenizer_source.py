@@ -1,5 +1,6 @@
 """Where the tokenizer comes from: a given tokenizer.json (path/URL, or a model folder / s3 prefix holding
-one), or one trained on a corpus sample.
+one; with model.init_from, by default that folder's), or one trained on a corpus sample (never for an
+imported model: its embedding rows mean its own tokenizer's tokens).
 
 For SFT formats the ``tokenizer_config.json`` beside the given tokenizer.json is read too (Hugging Face's
 layout: special tokens, ``chat_template``, and transformers 5's ``chat_template.jinja``); pretraining never reads
@@ -143,6 +144,18 @@ def train_on_sample(cfg: RaytronConfig, sources: list[SourceFile]) -> TokenizerS
     return spec_of(tokenizer.to_str())
 
 
+def given_tokenizer(cfg: RaytronConfig) -> TokenizerSpec | None:
+    """data.tokenizer's, or None when one is to be trained on the corpus: never for an imported model
+    (resolve_init_from defaults data.tokenizer to init_from's folder when that holds a tokenizer)."""
+    if cfg.data.tokenizer:
+        return load_configured(cfg)
+    if cfg.model.init_from:  # a new vocabulary would give the imported embedding rows other meanings
+        raise ConfigError(f"data.tokenizer: not set, and model.init_from {cfg.model.init_from!r} holds no "
+                          f"{TOKENIZER_FILE} to default to; an imported model needs the tokenizer it was trained "
+                          f"with: set data.tokenizer to a {TOKENIZER_FILE} or a folder / s3 prefix holding one")
+    return None
+
+
 def resolve_tokenizer(cfg: RaytronConfig, sources: list[SourceFile]) -> TokenizerSpec:
-    """data.tokenizer if set, else a tokenizer trained on the corpus sample."""
-    return load_configured(cfg) if cfg.data.tokenizer else train_on_sample(cfg, sources)
+    """data.tokenizer's (see given_tokenizer), else a tokenizer trained on the corpus sample."""
+    return given_tokenizer(cfg) or train_on_sample(cfg, sources)

@@ -21,7 +21,8 @@ from raytron.model.layer_factory import LayerFactory, SerialLayers
 from raytron.parallel.checkpoint_layout import META_FILE
 from raytron.parallel.checkpoint_weights import check_checkpoint, checkpoint_model_fields, load_checkpoint_weights
 from raytron.parallel.hf_load import LoadStats, WeightFilesError, check_shapes, load_hf_weights
-from raytron.parallel.init_source import InitSourceError, is_checkpoint, local_folder, pin_registry_version
+from raytron.parallel.init_source import (InitSourceError, default_tokenizer, is_checkpoint, local_folder,
+                                         pin_registry_version)
 
 CONFIG_FILE = "config.json"
 
@@ -49,8 +50,9 @@ def _described_by(folder: Path) -> str:
 
 def resolve_init_from(raw: dict[str, Any], source: str = "<dict>") -> RaytronConfig:
     """Build the run config from a raw mapping, its model fields filled from ``model.init_from``'s
-    config.json (or meta.json); a registry alias is pinned to its version here, in the driver.
-    Errors (ConfigError) name the disagreeing values or the unsupported key."""
+    config.json (or meta.json) and an unset data.tokenizer from its folder (``default_tokenizer``); a
+    registry alias is pinned to its version here, in the driver. Errors (ConfigError) name the
+    disagreeing values or the unsupported key."""
     model = dict(raw.get("model") or {})
     if not model.get("init_from"):
         return build_config(raw, source)
@@ -65,7 +67,10 @@ def resolve_init_from(raw: dict[str, Any], source: str = "<dict>") -> RaytronCon
     problems = disagreements(model, fields, _described_by(folder))
     if problems:
         raise ConfigError(f"invalid config {source}:\n" + "\n".join(f"  - {p}" for p in problems))
-    cfg = build_config({**raw, "model": {**model, **fields}}, source)
+    data = dict(raw.get("data") or {})
+    if not data.get("tokenizer") and default_tokenizer(folder):
+        data["tokenizer"] = default_tokenizer(folder)
+    cfg = build_config({**raw, "model": {**model, **fields}, "data": data}, source)
     check_init_from(cfg)
     return cfg
 

@@ -8,7 +8,8 @@
   every worker loads the same one even if the alias moves meanwhile.
 
 What the folder holds is a Hugging Face model (``config.json``) or a raytron training checkpoint
-(``meta.json``, whose weights only are taken).
+(``meta.json``, whose weights only are taken). Its tokenizer.json (and the tokenizer_config.json /
+chat_template.jinja beside it) is the run's tokenizer unless data.tokenizer names another.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from raytron.config import TrackingConfig
-from raytron.parallel.checkpoint_layout import META_FILE, TRAINING_STATE
+from raytron.parallel.checkpoint_layout import META_FILE, TOKENIZER_FILE, TRAINING_STATE
 from raytron.storage import StorageError, cached_folder, fetch_prefix, is_remote
 
 REGISTRY_PREFIX = "models:/"
@@ -69,6 +70,12 @@ def local_folder(init_from: str, tracking: TrackingConfig | None = None) -> Path
 def is_checkpoint(folder: Path) -> bool:
     """A raytron training checkpoint (else a Hugging Face folder)."""
     return (folder / META_FILE).is_file()
+
+
+def default_tokenizer(folder: Path) -> str | None:
+    """data.tokenizer when the YAML leaves it unset: init_from's folder on this node (the copy checkpoints
+    take the tokenizer files from, whatever the source) when it holds a tokenizer.json, else None."""
+    return str(folder) if (folder / TOKENIZER_FILE).is_file() else None
 
 
 def _registry_folder(pinned: str, tracking: TrackingConfig | None) -> Path:

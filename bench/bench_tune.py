@@ -62,7 +62,7 @@ def sweep(tmp: Path, scheduler: str) -> dict:
                                                               f"tune.name=bench-{scheduler}"]), tmp, tmp)
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("{"))
-    summary = json.loads("\n".join(lines[start:]))
+    summary, _ = json.JSONDecoder().raw_decode("\n".join(lines[start:]))  # Ray may print after it
     table = [line.split() for line in lines[:start] if line and line.split()[0].isdigit()]
     client = MlflowClient(tracking_uri(tmp))
     parent = client.get_run(summary["parent_run_id"])

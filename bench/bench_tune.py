@@ -9,7 +9,7 @@ workdir every command uses, so no side pays for building it. The ASHA sweep (tun
 runs once and serves both parts; the full-grid sweep does the same steps as the 4 `raytron train`s, so
 its ratio to them is what one cluster, data once and 2 trials at once save without early stopping.
 
-    .venv/bin/python bench/bench_tune.py                  # both parts: ASHA sweep, grid sweep, 4 x train
+    .venv/bin/python bench/bench_tune.py                  # ~7 min: ASHA sweep, grid sweep, 4 x train
     .venv/bin/python bench/bench_tune.py --parts sweep    # ASHA sweep and 4 x train
     .venv/bin/python bench/bench_tune.py --parts asha     # ASHA sweep and grid sweep
 """

@@ -15,8 +15,10 @@ from raytron.data.demo_data import demo_data
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    # logical CPUs beyond the 2 real cores: Train workers + Ray Data tasks must all fit
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+    # logical CPUs beyond the 2 real cores: Train workers + Ray Data tasks must all fit. The dashboard serves the
+    # State API, which Ray Train's PlacementGroupCleaner needs to free the workers of a Tune trial ASHA stopped
+    # (without it their placement group stays reserved until the session ends and later trials never start)
+    ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}})
     yield ray.cluster_resources()
     ray.shutdown()

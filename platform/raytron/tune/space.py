@@ -91,6 +91,11 @@ def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
     return {**config.get(OVERRIDES, {}), **config.get(LAYOUT, {})}
 
 
+def planned_steps(config: dict[str, Any], default_steps: int) -> int:
+    """The steps a trial runs to (train.steps may itself be swept)."""
+    return int(trial_overrides(config).get("train.steps", default_steps))
+
+
 def validate_sweep(cfg: RaytronConfig, layouts: list[dict[str, Any]] = ()) -> list[RaytronConfig]:
     """The configs of every checked point (with every layout of a layout sweep); ConfigError naming each bad
     point and its fields otherwise."""

@@ -1,9 +1,5 @@
 """``raytron tune``: validate every trial, connect, prepare the data once, run the trials through Ray Tune,
-rank them, log the sweep to MLflow and optionally export the best.
-
-ASHA counts optimizer steps (``time_attr="step"``, the step each report carries), not Tune's report count:
-``Tuner.restore`` drops the scheduler's state and restarts ``training_iteration``, while the step a
-resumed trial reports continues from its checkpoint.
+rank them, log the sweep to MLflow and optionally export the best (the scheduler: tune/scheduler.py).
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raytron.config import ConfigError, RaytronConfig
 from raytron.export.from_checkpoint import ExportResult, RegistrationError
@@ -28,7 +23,8 @@ from raytron.tracking.mlflow_run import resolve_tracking_uri
 from raytron.tune.capacity import TRIAL_ACTOR_CPUS, concurrent_trials, require_hostable
 from raytron.tune.export_best import ExportBestError, export_best_trial
 from raytron.tune.layouts import layout_sweep
-from raytron.tune.space import param_space, sweep_name, trial_overrides, validate_sweep
+from raytron.tune.scheduler import scheduler_for
+from raytron.tune.space import param_space, planned_steps, sweep_name, trial_overrides, validate_sweep
 from raytron.tune.state import SweepState, SweepStateError, read_sweep_state, write_sweep_state
 from raytron.tune.tracking import ChildRunStatus, best_value, find_child_run, log_sweep_results, open_parent_run
 from raytron.tune.trial import SweepContext, run_trial
@@ -71,14 +67,6 @@ class SweepResult:
 def absolute_storage(url: str) -> str:
     """Trial actors and Train workers change into their trial folders: a relative path would move with them."""
     return url if is_remote(url) else str(Path(url).expanduser().absolute())
-
-
-def scheduler_for(cfg: RaytronConfig, max_steps: int):
-    t = cfg.tune
-    if t.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=t.grace_period,
-                         reduction_factor=t.reduction_factor)
 
 
 def check_metric(cfg: RaytronConfig) -> None:
@@ -175,8 +163,8 @@ def ranked_rows(grid, cfg: RaytronConfig, tracking_uri: str, parent_run_id: str 
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
         overrides = trial_overrides(result.config)
         last_step = int(max(steps)) if steps else 0
-        planned = int(overrides.get("train.steps", cfg.train.steps))
-        status = "FAILED" if result.error else ("FINISHED" if last_step >= planned else "KILLED")
+        finished = last_step >= planned_steps(result.config, cfg.train.steps)
+        status = "FAILED" if result.error else ("FINISHED" if finished else "KILLED")
         rows.append({"trial_id": trial_id, **overrides, "status": status, "step": last_step, metric: best,
                      "best_step": None if at is None or math.isnan(at) else int(at),
                      "run_id": find_child_run(tracking_uri, parent_run_id, trial_id) if parent_run_id else None})

@@ -21,7 +21,7 @@ from ray.tune import Callback
 
 from raytron.config import RaytronConfig
 from raytron.tracking.mlflow_run import RunTracker, resolve_tracking_uri
-from raytron.tune.space import trial_overrides
+from raytron.tune.space import planned_steps
 
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "raytron.tune.sweep"
@@ -84,13 +84,9 @@ class ChildRunStatus(Callback):
             tracker.set_tags(tags)
         tracker.finish(status)
 
-    def _planned_steps(self, trial) -> int:
-        # train.steps may itself be swept
-        return int(trial_overrides(trial.config).get("train.steps", self.default_steps))
-
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         step = int((trial.last_result or {}).get("step", 0))
-        if step < self._planned_steps(trial):
+        if step < planned_steps(trial.config, self.default_steps):
             self._end(trial, "KILLED", {STOPPED_AT_TAG: str(step)})
         else:
             self._end(trial, "FINISHED", {})

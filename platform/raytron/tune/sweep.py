@@ -18,6 +18,7 @@ from raytron.config import ConfigError, RaytronConfig
 from raytron.export.from_checkpoint import ExportResult, RegistrationError
 from raytron.storage import StorageError, filesystem_for, is_remote, join_url
 from raytron.train.cluster import ResourceError, connect
+from raytron.train.ray_data_actors import start_ray_data_actors_here
 from raytron.train.run import training_data
 from raytron.tracking.mlflow_run import resolve_tracking_uri
 from raytron.tune.capacity import TRIAL_ACTOR_CPUS, concurrent_trials, require_hostable
@@ -132,6 +133,7 @@ def run_sweep(cfg: RaytronConfig, resume: bool = False, workdir: str | Path = ".
                                         max_concurrent_trials=limit),
             run_config=tune.RunConfig(name=name, storage_path=storage_inside, storage_filesystem=filesystem,
                                       callbacks=callbacks, failure_config=tune.FailureConfig(max_failures=0)))
+    start_ray_data_actors_here()  # before trial actors, which may sit on autoscaled nodes, start them there
     try:
         grid = tuner.fit()
     except BaseException:

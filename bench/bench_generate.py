@@ -1,10 +1,13 @@
 """`raytron generate` (a Ray Data actor pool of engines, no HTTP) vs the Serve endpoint saturated by
 concurrent clients, side by side in one run: the same ~30M-parameter GPT (bench_serve.MODEL), the same
 seeded requests (prompts of 8-64 tokens, temperature 1, a seed per request, one max_tokens), the same
-CPUs for the model (one actor / one replica of --threads CPUs and torch threads), the same engine limits.
+CPUs for the model (one actor / one replica of --threads CPUs and torch threads), the same engine limits
+but the decode batch: each side runs its own (--endpoint-batch, default serving's 16; --generate-batch,
+default generate's GENERATE_BATCH), both named in the output.
 
-The endpoint gets CLIENTS concurrent clients sending non-streamed requests one after another (what
-offline work would do through HTTP); generate reads the same requests as one JSONL file and writes
+The endpoint gets --clients concurrent clients (default: as many as its batch, which keeps every slot
+busy) sending non-streamed requests one after another (what offline work would do through HTTP); the
+requests are dealt out to them in turn. Generate reads the same requests as one JSONL file and writes
 one. Throughput = completion tokens / wall time (for generate: from Ray Data's start to the written
 file, what `raytron generate` takes once connected). Rounds alternate the two; the ratio is per round,
 then the median. Both must give the same texts (seeded, batch-invariant engine): checked and printed.
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from bench_serve import CLIENTS, HOST, MODEL, bench_model_folder, plain_request, run_clients, serve_config, workload
 from raytron.model.gpt import count_parameters
+from raytron.serve.batch_generate import GENERATE_BATCH
 
 MAX_TOKENS = 64
 """One max_tokens for every request: generate takes its request parameters from the config, for every record."""
@@ -35,12 +39,13 @@ def endpoint_round(port: int, path: str, plans: list[list[dict]]) -> tuple[float
     return seconds, sum(o.tokens for o in outcomes), dict(zip(seeds, (o.text for o in outcomes)))
 
 
-def generate_round(folder: Path, records: Path, output: Path, threads: int) -> tuple[float, int, dict[int, str]]:
+def generate_round(folder: Path, records: Path, output: Path, threads: int,
+                   batch: int) -> tuple[float, int, dict[int, str]]:
     from raytron.serve.batch_generate import GenerateConfig, run_generate
 
     cfg = GenerateConfig(model={"source": str(folder), "name": "bench"}, input=str(records), output=str(output),
                          request={"temperature": 1.0, "max_tokens": MAX_TOKENS},
-                         limits=serve_config(folder, CLIENTS, threads)["limits"], actors=1,
+                         limits=serve_config(folder, batch, threads)["limits"], actors=1,
                          num_cpus_per_actor=threads)
     start = time.perf_counter()
     summary = run_generate(cfg)
@@ -51,7 +56,11 @@ def generate_round(folder: Path, records: Path, output: Path, threads: int) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--requests-per-client", type=int, default=4,
+                        help=f"requests = this x {CLIENTS} (bench_serve's workload), whatever --clients is")
+    parser.add_argument("--endpoint-batch", type=int, default=CLIENTS, help="the replica's limits.max_batch_size")
+    parser.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default --endpoint-batch)")
+    parser.add_argument("--generate-batch", type=int, default=GENERATE_BATCH, help="generate's limits.max_batch_size")
     parser.add_argument("--threads", type=int, default=2, help="CPUs and torch threads of the replica / the actor")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -65,24 +74,29 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder, tokenizer, texts = bench_model_folder(Path(tmp))
-        plans = [[{**body, "max_tokens": MAX_TOKENS} for body in plan]
-                 for plan in workload(texts, tokenizer, args.requests_per_client)]
+        requests = [{**body, "max_tokens": MAX_TOKENS} for plan in workload(texts, tokenizer, args.requests_per_client)
+                    for body in plan]
+        clients = args.clients or args.endpoint_batch
+        plans = [requests[client::clients] for client in range(clients)]
         records = Path(tmp) / "in" / "requests.jsonl"
         records.parent.mkdir()
         records.write_text("".join(json.dumps({"prompt": b["prompt"], "seed": b["seed"]}) + "\n"
-                                   for plan in plans for b in plan))
+                                   for b in requests))
         port = 8124
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": HOST, "port": port})
-        serve.run(build_app(serve_config(folder, CLIENTS, args.threads)), name="endpoint", route_prefix="/ep")
+        endpoint = serve_config(folder, args.endpoint_batch, args.threads)
+        endpoint["deployment"]["max_ongoing_requests"] = max(64, clients)  # every client's request reaches the engine
+        serve.run(build_app(endpoint), name="endpoint", route_prefix="/ep")
         path = "/ep/v1/completions"
         plain_request(port, path, plans[0][0])  # warm-up
-        print(f"{sum(map(len, plans))} requests x max_tokens {MAX_TOKENS}; endpoint: {CLIENTS} concurrent clients",
-              flush=True)
+        print(f"{len(requests)} requests x max_tokens {MAX_TOKENS}; endpoint: max_batch_size {args.endpoint_batch}, "
+              f"{clients} concurrent clients; generate: max_batch_size {args.generate_batch}", flush=True)
         ratios = []
         for round_ in range(1, args.rounds + 1):
             ep_s, ep_tokens, ep_texts = endpoint_round(port, path, plans)
-            gen_s, gen_tokens, gen_texts = generate_round(folder, records, Path(tmp) / f"out{round_}", args.threads)
+            gen_s, gen_tokens, gen_texts = generate_round(folder, records, Path(tmp) / f"out{round_}", args.threads,
+                                                          args.generate_batch)
             ratio = (gen_tokens / gen_s) / (ep_tokens / ep_s)
             ratios.append(ratio)
             print(f"round {round_}/{args.rounds} (load {os.getloadavg()[0]:.1f}): endpoint {ep_tokens / ep_s:7.1f} tok/s "

@@ -20,7 +20,7 @@ import yaml
 
 from raytron.data.records import BadRecordError
 from raytron.model.sampling import SamplingParams
-from raytron.serve.batch_generate import GenerateConfig, run_generate
+from raytron.serve.batch_generate import GENERATE_BATCH, GenerateConfig, GenerateLimits, run_generate
 from raytron.serve.chat_template import TURN_STOPS, render_chat
 from raytron.serve.model_source import load_model
 from raytron.serve.protocol import ChatMessage
@@ -169,3 +169,24 @@ def test_rerun_after_sigkill_redoes_only_unfinished_files(ray_cluster, folder, t
         written = read_jsonl(str(tmp_path / "out" / f"{stem}.jsonl"))
         assert [(r["prompt"], r["seed"]) for r in written] == [(r["prompt"], r["seed"]) for r in records]
         assert all(r["text"] is not None and r["error"] is None for r in written)
+
+
+def test_texts_and_order_do_not_depend_on_the_decode_batch(ray_cluster, folder, tmp_path):
+    """Nine seeded records at max_batch_size 2 (five Ray Data batches, several in the one engine at once,
+    which takes the next batch's records as slots free) and at generate's default (one batch): the
+    texts are the seeded reference's (each prompt alone) and come back in input order."""
+    (tmp_path / "in").mkdir()
+    records = [{"prompt": TEXTS[i % 4][: 20 + 9 * i], "seed": 50 + i} for i in range(9)]
+    (tmp_path / "in" / "r.jsonl").write_bytes(jsonl(records))
+    local = load_model(str(folder))
+    params = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    expected = [reference(local, r["prompt"], SamplingParams(seed=r["seed"], **params)) for r in records]
+    for batch in (2, GENERATE_BATCH):
+        limits = {"context": 128} if batch == GENERATE_BATCH else {"context": 128, "max_batch_size": batch}
+        cfg = config(folder, str(tmp_path)).model_copy(update={"output": f"{tmp_path}/out-{batch}",
+                                                               "limits": GenerateLimits(**limits)})
+        (entry,) = run_generate(cfg)
+        assert entry["max_batch_size"] == batch
+        written = read_jsonl(f"{tmp_path}/out-{batch}/r.jsonl")
+        assert [r["seed"] for r in written] == [r["seed"] for r in records]
+        assert [r["text"] for r in written] == expected

@@ -36,6 +36,17 @@ INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARTIAL_SUFFIX = ".partial"
 
 
+GENERATE_BATCH = 32
+"""Generate's decode batch: twice serving's default (16). Offline work is bound by throughput, not by
+any one request's latency, so it decodes more sequences per step; 32 beat 16 and 64 for the bench
+model on 2 CPU cores (bench/README.md, issue 14). Larger on a GPU, where a step's cost hardly grows."""
+
+
+class GenerateLimits(Limits):
+    max_batch_size: PositiveInt = GENERATE_BATCH
+    """Sequences decoded together per step in each actor (KV-cache slots); serving's default is 16."""
+
+
 class GenerateConfig(Section):
     model: ModelSource
     """What generates (as in a serve config)."""
@@ -47,8 +58,8 @@ class GenerateConfig(Section):
     """Output format: the input's fields plus text, finish_reason, completion_tokens, error."""
     request: dict[str, Any] = {}
     """OpenAI completion parameters for every record (max_tokens, temperature, seed, stop, ...), as a request body sends them."""
-    limits: Limits = Limits()
-    """Engine limits per actor (as in a serve config)."""
+    limits: GenerateLimits = GenerateLimits()
+    """Engine limits per actor (as in a serve config, but a larger decode batch by default)."""
     sampling: SamplingDefaults = SamplingDefaults()
     """Defaults for parameters `request` leaves out."""
     actors: PositiveInt = 1
@@ -64,7 +75,12 @@ def load_generate_config(path: str, overrides: list[str] = ()) -> GenerateConfig
 
 
 class GenerationWorker:
-    """One engine in a Ray Data actor; ``__call__`` completes a batch of records (pyarrow)."""
+    """One engine in a Ray Data actor; ``__call__`` completes a batch of records (pyarrow).
+
+    ``__call__`` is a coroutine, so Ray Data runs several batches of a block at once on the actor's
+    one event loop (its async UDF path, which hands the outputs back in input order): they all queue
+    in the same engine, which admits the next batch's records as slots free instead of draining to
+    an empty batch at the end of each call."""
 
     def __init__(self, config: dict[str, Any]):
         import torch
@@ -83,13 +99,13 @@ class GenerationWorker:
                              EngineLimits(self.cfg.limits.max_batch_size, self.cfg.limits.max_tokens_in_flight, context),
                              vocab_size=self.vocab_size, end_ids=loaded.end_ids)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         """A block of (record, where, problem) -> one column ``row``: each output row as JSON text
         (records differ in their fields, so no Arrow schema would fit them all)."""
         rows = [self._prepare(*entry) for entry in zip(*(batch.column(n).to_pylist() for n in SCHEMA.names))]
         if self.cfg.on_bad_record == "fail" and any(isinstance(r, dict) for r in rows):
             rows = [r for r in rows if isinstance(r, dict)]  # the driver stops at the first: generate nothing
-        done = asyncio.run(self._complete_all([r for r in rows if not isinstance(r, dict)]))
+        done = await self._complete_all([r for r in rows if not isinstance(r, dict)])
         out = [r if isinstance(r, dict) else next(done) for r in rows]
         return pa.table({"row": [json.dumps(r) for r in out]})
 
@@ -177,7 +193,7 @@ def _generate_file(cfg: GenerateConfig, source: str) -> list[dict]:
 
     dataset = ray.data.read_datasource(GenerateDatasource(source)).map_batches(
         GenerationWorker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json")},
-        batch_size=2 * cfg.limits.max_batch_size, batch_format="pyarrow",
+        batch_size=cfg.limits.max_batch_size, batch_format="pyarrow",  # a few calls run at once: see GenerationWorker
         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.num_cpus_per_actor)
     dataset.context.enable_progress_bars = True  # the read and the pool's bars on the console
     return [json.loads(row["row"]) for row in dataset.take_all()]
@@ -185,7 +201,7 @@ def _generate_file(cfg: GenerateConfig, source: str) -> list[dict]:
 
 def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """Generate for every input file without an output yet (Ray must be connected); one summary row
-    per input file. Under on_bad_record 'fail' the first bad record raises BadRecordError naming
+    per input file (with the decode batch it ran at). Under on_bad_record 'fail' the first bad record raises BadRecordError naming
     its file and line, and that file's output is not written."""
     import ray.data
 
@@ -196,7 +212,8 @@ def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     for source in input_files(cfg.input):
         target = output_for(cfg, source)
         fs, path = filesystem_for(target)
-        entry = {"input": source, "output": target, "records": None, "bad": None, "tokens": None, "seconds": None}
+        entry = {"input": source, "output": target, "records": None, "bad": None, "tokens": None, "seconds": None,
+                 "max_batch_size": cfg.limits.max_batch_size}
         if fs.get_file_info(path).type == pafs.FileType.File:
             summary.append({**entry, "status": "done before"})
             continue

@@ -108,7 +108,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except BadRecordError as error:
         print(f"raytron generate: {error}", file=sys.stderr)
         return 1
-    print(format_table(summary, ["input", "records", "bad", "tokens", "seconds", "status"]))
+    print(format_table(summary, ["input", "records", "bad", "tokens", "seconds", "max_batch_size", "status"]))
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Tiny random Hugging Face models built with `transformers`, saved sharded (small max_shard_size)."""
+"""Tiny random Hugging Face models built with `transformers`, saved sharded (small max_shard_size), and a
+Llama tokenizer trained here (no hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 300
@@ -35,3 +39,16 @@ def save_tiny(kind: str, folder: Path, seed: int = 0):
                 param.add_(torch.randn_like(param) * 0.1)  # transformers starts these at 0 / 1
     model.save_pretrained(folder, max_shard_size="64KB")
     return model
+
+
+def save_llama_tokenizer(folder: Path, texts: list[str], vocab_size: int = VOCAB) -> Path:
+    """A Llama tokenizer as transformers saves one (tokenizer.json whose post-processor puts <s> first,
+    tokenizer_config.json with bos <s>, eos </s>): a BPE over SentencePiece-style pieces trained on ``texts``,
+    with Llama's <unk> <s> </s> as ids 0, 1, 2 and no <|endoftext|>."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    LlamaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True).save_pretrained(folder)
+    return folder

@@ -26,6 +26,7 @@ from raytron.data.shards import read_split
 from raytron.data.sources import list_sources
 from raytron.data.stream import packed_blocks
 from raytron.data.tokenizer import EOS_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
+from raytron.data.tokenizer_source import spec_of
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["model.vocab_size=512", "train.seq_len=32", "data.validation_fraction=0.2", "data.shard_blocks=300"]
@@ -206,8 +207,8 @@ def test_bad_records_skip_counts_them_fail_names_file_and_line(clean, tmp_path):
 
 def test_packed_blocks_stream_the_prepared_train_split(clean, corpus):
     cfg = config(corpus, clean)
-    tokenizer_json = (clean / "tokenizer.json").read_text()
+    tokenizer = spec_of((clean / "tokenizer.json").read_text())
     for split in ("train", "validation"):
-        streamed = np.concatenate(list(packed_blocks(cfg, list_sources(cfg), split, tokenizer_json)))
+        streamed = np.concatenate(list(packed_blocks(cfg, list_sources(cfg), split, tokenizer)))
         assert np.array_equal(streamed, read_split(prepare(cfg).manifest.splits[split])[0]), split
     assert os.path.exists(clean / MANIFEST_FILE)

@@ -24,9 +24,9 @@ from raytron.data.records import BadRecordError
 from raytron.data.sft_encode import SampleTooLongError, SftEncoder, encode_record, leading_bos, special_ids
 from raytron.data.shards import read_columns
 from raytron.data.sources import list_sources
-from raytron.data.tokenizer import EOS_TOKEN, load_tokenizer
+from raytron.data.tokenizer import load_tokenizer
 from raytron.data.tokenizer_source import load_configured
-from raytron.data.demo_chat import (CHATML_TEMPLATE, chat_records, prompt_completion_records,
+from raytron.data.demo_chat import (CHATML_TEMPLATE, IM_END, chat_records, prompt_completion_records,
                                         write_chatml_tokenizer, write_jsonl)
 from raytron.parallel.hf_import import resolve_init_from
 from raytron.parallel.init_source import local_folder
@@ -235,14 +235,16 @@ def test_init_from_alone_tokenizes_chats_and_text_as_transformers_with_its_folde
     for row, messages in zip(rows, train):  # the folder's template rendered and tokenized, as transformers does
         ids = theirs.apply_chat_template(messages, tokenize=True)["input_ids"]
         assert len(ids) <= SEQ_LEN + 1 and row[:len(ids)].tolist() == ids
-    # pretraining text: the folder's tokenizer too, each document's ids then EOS, cut into blocks
+    # pretraining text: the folder's tokenizer too, each document's ids then its EOS (tokenizer_config.json's
+    # eos_token, <|im_end|> here, as tokenizer.eos_token), cut into blocks
     texts = [" ".join(message["content"] for message in messages) for messages in train]
     corpus = write_jsonl(tmp_path / "text" / "docs.jsonl", [{"text": text} for text in texts])
     cfg = resolve_init_from(*read_run_mapping(None, [*common, f"data.source={corpus}", "data.validation_fraction=0",
                                                      f"data.prepared={tmp_path / 'text-out'}"]))
     assert cfg.data.tokenizer == str(base)
     blocks = read_columns(prepare(cfg).manifest.splits["train"])["tokens"]
-    stream = [i for text in texts for i in [*theirs(text)["input_ids"], theirs.convert_tokens_to_ids(EOS_TOKEN)]]
+    stream = [i for text in texts for i in [*theirs(text)["input_ids"], theirs.eos_token_id]]
+    assert theirs.eos_token == IM_END
     assert blocks.size > 0 and blocks.reshape(-1).tolist() == stream[:blocks.size]
     # an s3:// init_from: its node-local copy, the folder checkpoints take the tokenizer files from
     for key, value in s3_server.env.items():

@@ -49,7 +49,7 @@ def test_groups_stream_their_own_files_and_resume_inside_the_epoch(ray_cluster, 
 
     batches = [batch["tokens"] for batch in source.batches(0, 0, 4, 0, 2)]
     assert len(batches) > 4 and all(batch.shape == (4, 33) for batch in batches)
-    packed = np.concatenate(list(packed_blocks(cfg, mine, "train", data.tokenizer_json)))
+    packed = np.concatenate(list(packed_blocks(cfg, mine, "train", source.tokenizer)))
     np.testing.assert_array_equal(np.concatenate(batches), packed[:4 * len(batches)])
 
     resumed = [batch["tokens"] for batch in source.batches(0, 3, 4, 0, 2)]

@@ -15,7 +15,7 @@ import pytest
 
 from raytron.cli import main
 from raytron.config import load_config
-from raytron.data.encode import TokenizeBatch, is_validation
+from raytron.data.encode import TokenizeBatch, document_ends, is_validation
 from raytron.data.packing import BlockPacker
 from raytron.data.records import BadRecordError, checked, read_records
 from raytron.data.sources import list_sources
@@ -95,7 +95,7 @@ def test_tokenize_udf_appends_eos_and_splits_by_text_hash():
     texts = [f"document number {i}: " + "words " * (i % 7) for i in range(300)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
     batch = pa.table({"text": [*texts[:150], None, *texts[150:]], "problem": [None] * 150 + ["f:1: bad"] + [None] * 150})
-    out = TokenizeBatch(tokenizer.to_str(), 0.3)(batch)
+    out = TokenizeBatch(tokenizer.to_str(), 0.3, document_ends(tokenizer, {}))(batch)
     eos = tokenizer.token_to_id(EOS_TOKEN)
     rows = out.to_pylist()
     assert rows[150] == {"tokens": [], "validation": False, "problem": "f:1: bad"}

@@ -1,11 +1,12 @@
 """Where SFT's template and special tokens come from: data.chat_template (inline or a file), else the
-tokenizer folder's chat_template.jinja / tokenizer_config.json, read only for SFT formats."""
+tokenizer folder's chat_template.jinja / tokenizer_config.json (whose eos_token pretraining reads too)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from tokenizers import Tokenizer
 
 from raytron.config import ConfigError, build_config
 from raytron.data.sft_setup import sft_setup
@@ -57,11 +58,11 @@ def test_chat_template_jinja_wins_over_the_config(hf_folder, tmp_path):
     assert setup.template == "{{ 'jinja' }}" and setup.template_source == f"{folder}/chat_template.jinja"
 
 
-def test_pretraining_never_reads_the_config(hf_folder):
-    # the folder's tokenizer has no <|endoftext|>: only an SFT config naming its EOS makes it usable
-    assert load_configured(_cfg(format="chat", tokenizer=str(hf_folder))).config is not None
-    with pytest.raises(ValueError, match=f"no {EOS_TOKEN} token"):
-        load_configured(_cfg(tokenizer=str(hf_folder)))
+def test_pretraining_ends_documents_with_the_configs_eos(hf_folder):
+    # the folder's tokenizer has no <|endoftext|>: its tokenizer_config.json names the EOS, for SFT and pretraining
+    spec = load_configured(_cfg(tokenizer=str(hf_folder)))
+    assert spec.config is not None and spec.ends.eos_token == "</s>"
+    assert spec.ends.eos == Tokenizer.from_str(spec.json).token_to_id("</s>") and spec.ends.bos is None
 
 
 def test_a_bare_tokenizer_gets_raytrons_tokens_that_it_has(tmp_path):

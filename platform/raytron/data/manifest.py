@@ -4,14 +4,14 @@ Layout under the prepared URL::
 
     manifest.json                  this file
     tokenizer.json                 the tokenizer the shards were made with
-    tokenizer_config.json          SFT with a given tokenizer: its Hugging Face files, when it has them
+    tokenizer_config.json          a given tokenizer's Hugging Face files, when it has them
     chat_template.jinja                (special tokens, chat template)
     train/shard-00000.parquet      tokens: list<int32> of exactly seq_len + 1 ids; id: int64
     validation/shard-00000.parquet     (block index within the split, in prepare order);
                                    SFT adds loss_mask: list<bool> (and, packed, segments: list<int32>)
 
 ``fingerprint`` hashes everything the shards depend on (sources with sizes and mtimes,
-tokenizer, seq_len, split and format settings, bad-record policy, shard size); equal
+tokenizer and its document separator, seq_len, split and format settings, bad-record policy, shard size); equal
 fingerprints mean the output can be reused as is. Shard paths are stored relative to the
 prepared URL (the folder can be moved or copied); ``ShardInfo.url`` is absolute.
 """

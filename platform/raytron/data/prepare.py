@@ -83,7 +83,8 @@ def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: Tokenizer
              sft: SftSetup | None = None) -> dict:
     """Everything the shards depend on (and nothing they do not, such as the actor count). SFT formats add
     the settings of ``sft`` (resolved from the config and tokenizer when not given): the chat template's
-    text and source, the tokenizer files' hash."""
+    text and source, the tokenizer files' hash; pretraining with a tokenizer whose documents end otherwise
+    than raytron's (its own EOS, a BOS) adds that separator."""
     data = cfg.data
     if data.is_sft and sft is None:
         sft = sft_setup(data, tokenizer)
@@ -93,8 +94,11 @@ def identity(cfg: RaytronConfig, sources: list[SourceFile], tokenizer: Tokenizer
                      {"trained": {"vocab_size": cfg.model.vocab_size, "sample_bytes": data.tokenizer_sample_bytes}},
         "seq_len": cfg.train.seq_len, "validation_fraction": data.validation_fraction,
         "text_field": data.text_field, "on_bad_record": data.on_bad_record, "shard_blocks": data.shard_blocks,
-        # SFT keys only for SFT formats, so the fingerprints (and folders) of pretraining data stay as they were
+        # SFT keys only for SFT formats, and the document separator only when it is not raytron's <|endoftext|>
+        # alone, so the fingerprints (and folders) of data prepared before either existed stay as they were
         **({"sft": sft.settings(data)} if sft else {}),
+        **({"documents": tokenizer.ends.settings()} if tokenizer and not sft and not tokenizer.ends.is_raytrons
+           else {}),
     }
 
 
@@ -130,8 +134,8 @@ def prepare(cfg: RaytronConfig, workdir: str | Path = ".raytron") -> PrepareResu
 
 
 def _write_tokenizer_config(url: str, config: TokenizerConfig | None, cfg: RaytronConfig) -> None:
-    """An SFT tokenizer's Hugging Face files go next to its tokenizer.json: the special tokens and chat
-    template the samples were made with travel with the shards."""
+    """A given tokenizer's Hugging Face files go next to its tokenizer.json: the special tokens (and chat
+    template) the documents or samples were made with travel with the shards."""
     for name, text in zip(TOKENIZER_CONFIG_FILES, (config.text, config.template_text) if config else ()):
         if text:
             write_bytes(join_url(url, name), text.encode(), cfg.data.endpoint_url, cfg.data.region)
@@ -142,7 +146,7 @@ def _write_splits(cfg: RaytronConfig, url: str, sources: list[SourceFile], token
     fs, base_path = data_filesystem(cfg.data, url)
     writers = {name: ShardWriter(fs, base_path, url, name, cfg.data.shard_blocks) for name in SPLITS}
     if sft:
-        splits, bad, documents = write_sft_splits(cfg, writers, sources, tokenizer.json, sft)
+        splits, bad, documents = write_sft_splits(cfg, writers, sources, tokenizer, sft)
     else:
         splits, bad, documents = _write_text_splits(cfg, writers, sources, tokenizer)
     if not documents:
@@ -164,7 +168,7 @@ def _write_text_splits(cfg: RaytronConfig, writers: dict[str, ShardWriter], sour
     packers = {name: BlockPacker(cfg.train.seq_len) for name in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     bad = BadRecords(cfg.data.on_bad_record)
-    for table in document_dataset(cfg, sources, tokenizer.json).iter_batches(batch_size=None,
+    for table in document_dataset(cfg, sources, tokenizer).iter_batches(batch_size=None,
                                                                              batch_format="pyarrow"):
         bad.add(table)
         for name in SPLITS:

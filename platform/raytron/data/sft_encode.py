@@ -65,10 +65,12 @@ class SftOutcome:
 def special_ids(tokenizer: Tokenizer, special_tokens: dict[str, str]) -> tuple[int, int]:
     """(EOS id, pad id): tokenizer_config.json's eos_token / pad_token when given, else raytron's
     ``<|endoftext|>`` / ``<|pad|>``; no pad token pads with EOS (pads are never scored)."""
-    eos_text = special_tokens.get("eos_token") or EOS_TOKEN
-    eos = tokenizer.token_to_id(eos_text)
+    named = special_tokens.get("eos_token")
+    eos = tokenizer.token_to_id(named or EOS_TOKEN)
     if eos is None:
-        raise ValueError(f"the tokenizer has no EOS token {eos_text!r} (tokenizer_config.json eos_token)")
+        raise ValueError(f"tokenizer_config.json's eos_token {named!r} is not a token of tokenizer.json" if named else
+                         f"no EOS token: expected an eos_token in the tokenizer_config.json beside tokenizer.json "
+                         f"or a {EOS_TOKEN} token in tokenizer.json, found neither")
     pad = tokenizer.token_to_id(special_tokens.get("pad_token") or PAD_TOKEN)
     return eos, eos if pad is None else pad
 

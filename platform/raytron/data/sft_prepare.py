@@ -22,6 +22,7 @@ from raytron.data.sft_setup import SftSetup
 from raytron.data.shards import ShardWriter
 from raytron.data.sources import SourceFile
 from raytron.data.stream import BadRecords, document_dataset
+from raytron.data.tokenizer_source import TokenizerSpec
 
 
 @dataclass
@@ -53,14 +54,14 @@ def block_samples(table: pa.Table) -> list[SftSample]:
 
 
 def write_sft_splits(cfg: RaytronConfig, writers: dict[str, ShardWriter], sources: list[SourceFile],
-                     tokenizer_json: str, setup: SftSetup) -> tuple[dict[str, SplitInfo], BadRecords, int]:
+                     tokenizer: TokenizerSpec, setup: SftSetup) -> tuple[dict[str, SplitInfo], BadRecords, int]:
     """(per-split info, bad records, samples in all); shards written through ``writers``."""
     data = cfg.data
-    _, pad = special_ids(Tokenizer.from_str(tokenizer_json), setup.special_tokens)
+    _, pad = special_ids(Tokenizer.from_str(tokenizer.json), setup.special_tokens)
     rows = {name: SampleRows(cfg.train.seq_len, pad, data.packing) for name in SPLITS}
     counts = {name: SplitCounts() for name in SPLITS}
     bad = BadRecords(data.on_bad_record)
-    for table in document_dataset(cfg, sources, tokenizer_json, sft=setup).iter_batches(batch_size=None,
+    for table in document_dataset(cfg, sources, tokenizer, sft=setup).iter_batches(batch_size=None,
                                                                                   batch_format="pyarrow"):
         stop_at_first_failure(table, data.on_bad_record, data.too_long)
         bad.add(table)

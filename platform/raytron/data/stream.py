@@ -1,7 +1,7 @@
 """The Ray Data pipeline from raw files to packed blocks, in a deterministic order.
 
 read (CorpusDatasource: sorted files, blocks of records) -> tokenize (TokenizeBatch in an
-actor pool; ids + EOS, split by text hash) -> consumer packs each split's ids into
+actor pool; [BOS] + ids + EOS, split by text hash) -> consumer packs each split's ids into
 seq_len + 1 blocks. ``preserve_order`` makes the blocks arrive in file order however many
 readers and actors run, so the packed output is the same on every run. Packing is done
 by the one consumer because blocks cross document (and file) boundaries.
@@ -30,19 +30,22 @@ from raytron.data.records import bad_record_error
 from raytron.data.sft_batch import EncodeSftBatch
 from raytron.data.sft_setup import SftSetup
 from raytron.data.sources import SourceFile
+from raytron.data.tokenizer_source import TokenizerSpec
 
 # problems quoted in the manifest and summary (all are counted)
 MAX_EXAMPLES = 20
 
 
-def document_dataset(cfg: RaytronConfig, files: list[SourceFile], tokenizer_json: str,
+def document_dataset(cfg: RaytronConfig, files: list[SourceFile], tokenizer: TokenizerSpec,
                      progress_bars: bool = True, sft: SftSetup | None = None) -> Dataset:
-    """Rows (tokens: ids + EOS, validation: bool, problem: str | None), one per record, in file order;
+    """Rows (tokens: [BOS] + ids + EOS, validation: bool, problem: str | None), one per record, in file order;
     for SFT formats (``sft`` given) EncodeSftBatch's rows (tokens, loss_mask, ..., too_long, cut_tokens)."""
     data = cfg.data
     records = ray.data.read_datasource(CorpusDatasource(files, data.text_field, data.endpoint_url, data.region))
-    kwargs = {"tokenizer_json": tokenizer_json, "validation_fraction": data.validation_fraction}
-    if sft:
+    kwargs = {"tokenizer_json": tokenizer.json, "validation_fraction": data.validation_fraction}
+    if not sft:
+        kwargs["ends"] = tokenizer.ends
+    else:
         kwargs |= {"fmt": data.format, "seq_len": cfg.train.seq_len, "too_long": data.too_long,
                    "chat_template": sft.template, "special_tokens": sft.special_tokens,
                    "train_on_prompt": data.train_on_prompt}
@@ -71,7 +74,8 @@ class BadRecords:
         self.examples += problems[:MAX_EXAMPLES - len(self.examples)]
 
 
-def packed_blocks(cfg: RaytronConfig, files: list[SourceFile], split: str, tokenizer_json: str) -> Iterator[np.ndarray]:
+def packed_blocks(cfg: RaytronConfig, files: list[SourceFile], split: str,
+                  tokenizer: TokenizerSpec) -> Iterator[np.ndarray]:
     """Blocks of one split ('train' or 'validation'), shape (n, seq_len + 1) int32, in a fixed order.
 
     The same as the rows of prepare's shards for these files, in the same order, but
@@ -81,7 +85,7 @@ def packed_blocks(cfg: RaytronConfig, files: list[SourceFile], split: str, token
     packer = BlockPacker(cfg.train.seq_len)
     bad = BadRecords(cfg.data.on_bad_record)
     validation = split == "validation"
-    for table in document_dataset(cfg, files, tokenizer_json, progress_bars=False).iter_batches(
+    for table in document_dataset(cfg, files, tokenizer, progress_bars=False).iter_batches(
             batch_size=None, batch_format="pyarrow"):
         bad.add(table)
         tokens, _ = split_tokens(table, validation)

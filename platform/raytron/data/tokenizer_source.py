@@ -2,9 +2,9 @@
 one; with model.init_from, by default that folder's), or one trained on a corpus sample (never for an
 imported model: its embedding rows mean its own tokenizer's tokens).
 
-For SFT formats the ``tokenizer_config.json`` beside the given tokenizer.json is read too (Hugging Face's
-layout: special tokens, ``chat_template``, and transformers 5's ``chat_template.jinja``); pretraining never reads
-them, so its fingerprints stay as they were.
+The ``tokenizer_config.json`` beside a given tokenizer.json is read too (Hugging Face's layout: special tokens,
+``add_bos_token``, ``chat_template``, and transformers 5's ``chat_template.jinja``): pretraining takes its
+document separator from it (``encode.document_ends``), SFT its template and special tokens.
 The sample is the first ``data.tokenizer_sample_bytes`` of document text in sorted
 source order (bad records handled by ``data.on_bad_record``; SFT records give their messages' or
 prompt's and completion's text), read in this process: the same sources always give the same
@@ -24,10 +24,9 @@ import pyarrow.fs as pafs
 from tokenizers import Tokenizer
 
 from raytron.config import ConfigError, RaytronConfig
-from raytron.data.chat_template import special_tokens_of
-from raytron.data.encode import eos_id
+from raytron.data.encode import DocumentEnds, document_ends
 from raytron.data.records import checked, read_records
-from raytron.data.sft_encode import record_texts, special_ids
+from raytron.data.sft_encode import record_texts
 from raytron.data.sources import SourceFile, data_filesystem
 from raytron.data.tokenizer import TOKENIZER_FILE, train_tokenizer
 from raytron.parallel.checkpoint_layout import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
@@ -58,16 +57,18 @@ class TokenizerSpec:
     """The tokenizer.json content (what actors and checkpoints carry)."""
     sha256: str
     vocab_size: int
+    ends: DocumentEnds
+    """What pretraining puts around each document (its BOS, its EOS)."""
     config: TokenizerConfig | None = None
-    """The files beside a given tokenizer (read for SFT formats only)."""
+    """The files beside a given tokenizer."""
 
 
 def spec_of(tokenizer_json: str, config: TokenizerConfig | None = None) -> TokenizerSpec:
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    # fails now, not in an actor, when there is no EOS (an SFT tokenizer_config.json may name its own)
-    special_ids(tokenizer, special_tokens_of(config.content)) if config else eos_id(tokenizer)
+    # fails now, not in an actor, when there is no EOS (a tokenizer_config.json may name its own)
+    ends = document_ends(tokenizer, config.content if config else {})
     return TokenizerSpec(tokenizer_json, hashlib.sha256(tokenizer_json.encode()).hexdigest(),
-                         tokenizer.get_vocab_size(), config)
+                         tokenizer.get_vocab_size(), ends, config)
 
 
 def tokenizer_files(url: str) -> tuple[str, str]:
@@ -111,7 +112,7 @@ def load_configured(cfg: RaytronConfig) -> TokenizerSpec:
     without a token are never input), never larger."""
     data = cfg.data
     tokenizer_url, folder = tokenizer_files(data.tokenizer)
-    config = read_tokenizer_config(folder, data.endpoint_url, data.region) if data.is_sft else None
+    config = read_tokenizer_config(folder, data.endpoint_url, data.region)
     try:
         spec = spec_of(read_bytes(tokenizer_url, data.endpoint_url, data.region).decode("utf-8"), config)
     except ValueError as error:

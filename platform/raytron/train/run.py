@@ -72,8 +72,8 @@ def streaming_training_data(cfg: RaytronConfig, workdir: Path) -> TrainingData:
     """The raw files, tokenized and packed by each DP reader as it trains (no prepared shards)."""
     files = list_sources(cfg, workdir)
     tokenizer = resolve_tokenizer(cfg, files)
-    validation = StreamingCorpus(cfg, files, "validation", tokenizer.json) if cfg.data.validation_fraction else None
-    return TrainingData(StreamingCorpus(cfg, files, "train", tokenizer.json), validation, tokenizer.json,
+    validation = StreamingCorpus(cfg, files, "validation", tokenizer) if cfg.data.validation_fraction else None
+    return TrainingData(StreamingCorpus(cfg, files, "train", tokenizer), validation, tokenizer.json,
                         fingerprint({"mode": "streaming", **identity(cfg, files, tokenizer)}))
 
 

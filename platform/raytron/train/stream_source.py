@@ -22,6 +22,7 @@ import numpy as np
 from raytron.config import RaytronConfig
 from raytron.data.sources import SourceFile
 from raytron.data.stream import packed_blocks
+from raytron.data.tokenizer_source import TokenizerSpec
 
 
 def rebatch(chunks: Iterator[np.ndarray], rows: int) -> Iterator[np.ndarray]:
@@ -43,11 +44,11 @@ def rebatch(chunks: Iterator[np.ndarray], rows: int) -> Iterator[np.ndarray]:
 class StreamingCorpus:
     """A BlockSource over one split of the raw corpus (picklable: travels to Ray Train workers)."""
 
-    def __init__(self, cfg: RaytronConfig, files: list[SourceFile], split: str, tokenizer_json: str):
+    def __init__(self, cfg: RaytronConfig, files: list[SourceFile], split: str, tokenizer: TokenizerSpec):
         self.cfg = cfg
         self.files = files
         self.split = split
-        self.tokenizer_json = tokenizer_json
+        self.tokenizer = tokenizer
 
     def files_of(self, epoch: int, dp_index: int, dp: int) -> list[SourceFile]:
         order = np.random.default_rng([self.cfg.data.shuffle_seed, epoch]).permutation(len(self.files))
@@ -57,7 +58,7 @@ class StreamingCorpus:
         files = self.files_of(epoch, dp_index, dp)
         if not files:
             return
-        chunks = packed_blocks(self.cfg, files, self.split, self.tokenizer_json)
+        chunks = packed_blocks(self.cfg, files, self.split, self.tokenizer)
         for index, tokens in enumerate(rebatch(chunks, rows)):
             if index >= start:
                 yield {"tokens": tokens}

@@ -147,7 +147,7 @@ def test_special_ids_come_from_the_config_tokens_else_raytrons(tokenizer):
     assert special_ids(tokenizer, {}) == (eos, eos)  # no <|pad|>: pads are EOS
     eot = tokenizer.token_to_id("<|eot_id|>")
     assert special_ids(tokenizer, {"eos_token": "<|eot_id|>", "pad_token": BOS}) == (eot, tokenizer.token_to_id(BOS))
-    with pytest.raises(ValueError, match="no EOS token '</s>'"):
+    with pytest.raises(ValueError, match="eos_token '</s>' is not a token of tokenizer.json"):
         special_ids(tokenizer, {"eos_token": "</s>"})
 
 

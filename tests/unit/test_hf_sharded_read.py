@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from raytron.config import build_config
 from raytron.model.gpt import GPT
-from raytron.parallel import hf_load
+from raytron.parallel import safetensors_ranges
 from raytron.parallel.hf_import import imported_fields, load_huggingface_model
 from raytron.parallel.hf_load import WeightFilesError, load_hf_weights, weight_files
 from raytron.parallel.safetensors_ranges import read_header
@@ -93,7 +93,7 @@ def test_a_bf16_folder_loads_into_fp32_parameters_through_small_chunks(folder, t
             save_file({name: t.to(torch.bfloat16) for name, t in load_file(item).items()}, bf16 / item.name)
         else:
             (bf16 / item.name).write_bytes(item.read_bytes())
-    monkeypatch.setattr(hf_load, "CHUNK_BYTES", 256)  # many chunks per tensor
+    monkeypatch.setattr(safetensors_ranges, "CHUNK_BYTES", 256)  # many chunks per tensor
     ours = load_huggingface_model(bf16, seq_len=16).state_dict()
     monkeypatch.undo()
     expected = load_huggingface_model(folder, seq_len=16).state_dict()

@@ -101,7 +101,7 @@ def load_init_from(named_parameters, cfg: RaytronConfig, layers: LayerFactory, t
     (fetched to this node first when remote: once per node)."""
     folder = local_folder(cfg.model.init_from, cfg.tracking)
     if is_checkpoint(folder):
-        return load_checkpoint_weights(named_parameters, folder, layers)
+        return load_checkpoint_weights(named_parameters, folder, layers.full_shape, tp_rank, layers.tp_size)
     return load_hf_weights(named_parameters, cfg.model, folder, layers.full_shape, tp_rank, layers.tp_size)
 
 

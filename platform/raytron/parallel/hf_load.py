@@ -12,7 +12,6 @@ their tensor are our padding: zeros.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -23,12 +22,10 @@ from torch import nn
 from raytron.config import ModelConfig
 from raytron.model.hf_mapping import Rule, rules_for
 from raytron.parallel.safetensors_ranges import RangeReader, WeightFilesError, read_header
-from raytron.parallel.sharding import segment_sizes
+from raytron.parallel.sharding import local_ranges
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-CHUNK_BYTES = 16 * 2**20
-"""Most a temporary holds when a range cannot be read straight into its parameter."""
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "LoadStats", "WeightFilesError", "check_shapes", "load_hf_weights",
            "weight_files"]
@@ -90,18 +87,6 @@ class LoadStats:
     files: set[str] = field(default_factory=set)
 
 
-def _local_ranges(full: int, split: tuple | None, dim: int, rank: int, size: int) -> list[tuple[int, int]]:
-    """This rank's [start, stop) ranges along ``dim`` of a tensor ``full`` long there."""
-    if split is None or split[0] != dim:
-        return [(0, full)]
-    ranges, offset = [], 0
-    for segment in segment_sizes(split[1], full):
-        local = segment // size
-        ranges.append((offset + rank * local, offset + (rank + 1) * local))
-        offset += segment
-    return ranges
-
-
 class _ParameterFiller:
     """Fills parameters from one folder's files, counting what it reads."""
 
@@ -136,25 +121,9 @@ class _ParameterFiller:
     def _read(self, name: str, rows: tuple[int, int], columns: tuple[int, int] | None, transpose: bool,
               dest: torch.Tensor) -> None:
         """Our rows and columns of tensor ``name`` (ours: (out, in), theirs maybe (in, out)) into ``dest``."""
-        entry = self.reader.entry(name)
         self.stats.tensors += 1
         self.stats.files.add(self.reader.files[name].name)
-        if not transpose and entry.dtype == dest.dtype and dest.is_contiguous():
-            self.reader.read(name, rows, columns, dest)  # the common case: no copy at all
-        else:  # through a temporary: a cast, or theirs is (in, out); chunked along their rows
-            their_rows, their_columns = ((columns or (0, entry.shape[0])), rows) if transpose else (rows, columns)
-            width = () if len(entry.shape) == 1 else (entry.shape[1] if their_columns is None
-                                                      else their_columns[1] - their_columns[0],)
-            step = max(1, CHUNK_BYTES // (math.prod(width) * entry.dtype.itemsize))
-            for first in range(their_rows[0], their_rows[1], step):
-                last = min(first + step, their_rows[1])
-                chunk = torch.empty((last - first, *width), dtype=entry.dtype)
-                self.reader.read(name, (first, last), their_columns, chunk)
-                at = slice(first - their_rows[0], last - their_rows[0])
-                if transpose:
-                    dest[:, at].copy_(chunk.t())
-                else:
-                    dest[at].copy_(chunk)
+        self.reader.read_into(name, rows, columns, dest, transpose)
         self.stats.bytes_read = self.reader.bytes_read
 
 
@@ -169,8 +138,8 @@ def load_hf_weights(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: M
         for name, param in named_parameters:
             split = getattr(param, "tp_split", None)
             shape = full_shape(param)
-            row_ranges = _local_ranges(shape[0], split, 0, tp_rank, tp_size)
-            columns = _local_ranges(shape[1], split, 1, tp_rank, tp_size)[0] if len(shape) > 1 else None
+            row_ranges = local_ranges(shape[0], split, 0, tp_rank, tp_size)
+            columns = local_ranges(shape[1], split, 1, tp_rank, tp_size)[0] if len(shape) > 1 else None
             local = (sum(stop - start for start, stop in row_ranges),) + (() if columns is None else
                                                                            (columns[1] - columns[0],))
             if local != tuple(param.shape):

@@ -22,6 +22,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 HEADER_LENGTH_BYTES = 8
+CHUNK_BYTES = 16 * 2**20
+"""Most a temporary holds when a range cannot be read straight into its destination."""
 
 
 class WeightFilesError(ValueError):
@@ -40,18 +42,27 @@ class TensorEntry:
         return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
-def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor's dtype, shape and offset, checked against the file's size."""
+def _header_json(path: Path) -> tuple[dict, int, int]:
+    """(the header's JSON, where the data starts, the file's size)."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         length = int.from_bytes(file.read(HEADER_LENGTH_BYTES), "little")
         if size < HEADER_LENGTH_BYTES or length > size - HEADER_LENGTH_BYTES:
             raise WeightFilesError(f"{path}: not a safetensors file (header length {length}, file {size} bytes)")
         try:
-            header = json.loads(file.read(length))
+            return json.loads(file.read(length)), HEADER_LENGTH_BYTES + length, size
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise WeightFilesError(f"{path}: safetensors header is not JSON: {error}") from None
-    data_start = HEADER_LENGTH_BYTES + length
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The header's ``__metadata__`` (string to string), {} when it has none."""
+    return _header_json(path)[0].get("__metadata__") or {}
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor's dtype, shape and offset, checked against the file's size."""
+    header, data_start, size = _header_json(path)
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -120,3 +131,27 @@ class RangeReader:
             for row in range(rows[1] - rows[0]):
                 _pread_into(fd, target[row * width:(row + 1) * width], start + row * entry.row_bytes + skip, path)
         self.bytes_read += len(target)
+
+    def read_into(self, name: str, rows: tuple[int, int], columns: tuple[int, int] | None, dest: torch.Tensor,
+                  transpose: bool = False) -> None:
+        """Our rows [a, b) and columns [c, d) (all when None) of tensor ``name`` into ``dest``, any dtype and
+        strides: straight in when it can, else through chunks of at most CHUNK_BYTES (a cast, a strided
+        ``dest``, or ``transpose``: the file holds the tensor as (in, out) where ours is (out, in))."""
+        entry = self.entry(name)
+        if not transpose and entry.dtype == dest.dtype and dest.is_contiguous():
+            self.read(name, rows, columns, dest)  # the common case: no copy at all
+            return
+        # chunked along their rows
+        their_rows, their_columns = ((columns or (0, entry.shape[0])), rows) if transpose else (rows, columns)
+        width = () if len(entry.shape) == 1 else (entry.shape[1] if their_columns is None
+                                                  else their_columns[1] - their_columns[0],)
+        step = max(1, CHUNK_BYTES // (math.prod(width) * entry.dtype.itemsize))
+        for first in range(their_rows[0], their_rows[1], step):
+            last = min(first + step, their_rows[1])
+            chunk = torch.empty((last - first, *width), dtype=entry.dtype)
+            self.read(name, (first, last), their_columns, chunk)
+            at = slice(first - their_rows[0], last - their_rows[0])
+            if transpose:
+                dest[:, at].copy_(chunk.t())
+            else:
+                dest[at].copy_(chunk)

@@ -22,6 +22,19 @@ def segment_sizes(parts: Parts, total: int) -> list[int]:
     return [total // parts] * parts if isinstance(parts, int) else list(parts)
 
 
+def local_ranges(full: int, split: tuple[int, Parts] | None, dim: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """This rank's [start, stop) ranges along ``dim`` of a tensor ``full`` long there: one per segment when
+    ``split`` is along ``dim``, else all of it."""
+    if split is None or split[0] != dim:
+        return [(0, full)]
+    ranges, offset = [], 0
+    for segment in segment_sizes(split[1], full):
+        local = segment // size
+        ranges.append((offset + rank * local, offset + (rank + 1) * local))
+        offset += segment
+    return ranges
+
+
 def shard_of(full: torch.Tensor, tp_split: tuple[int, Parts], rank: int, size: int) -> torch.Tensor:
     """This rank's slice of a full tensor: its slice of each of the ``parts`` segments along ``dim``."""
     dim, parts = tp_split

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -16,6 +17,7 @@ import yaml
 from raytron.config import ConfigError, RaytronConfig, build_config, read_run_mapping, schema_rows
 from raytron.data.cli import add_prepare, add_tokenizer
 from raytron.serve.cli import add_eval, add_generate, add_serve
+from raytron.train.progress import PROGRESS_LINE_REGEX
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +200,10 @@ def job_main(subcommand: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `raytron config --schema | head` ends quietly, like other Unix tools
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Ray's driver folds lines from different workers that differ only in numbers into one "[repeated Nx across
+    # cluster]": a sweep's concurrent trials would lose most of their progress lines. Read when ray is imported,
+    # which no subcommand has done yet.
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINE_REGEX)
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

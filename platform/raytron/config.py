@@ -127,6 +127,8 @@ class ResourcesConfig(Section):
     """Custom Ray resources per worker ({name: amount}), e.g. to steer workers to a node type that offers them."""
     accelerator_type: str | None = None
     """Ray accelerator type every worker needs (e.g. A100, H100): workers go only to nodes of that type."""
+    memory_per_worker_gb: float | None = Field(None, gt=0.0)
+    """Memory (GB) a worker has for its model state (one GPU's memory; a CPU worker's RAM). A run whose per-rank weights + grads + optimizer estimate (`raytron info`) exceeds it fails before it starts; a layout sweep leaves such layouts out. A bound, not a Ray reservation."""
 
     @field_validator("custom")
     @classmethod

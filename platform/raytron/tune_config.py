@@ -77,7 +77,5 @@ class TuneConfig(Section):
     """'auto': a throughput sweep over every valid (dp, pp, tp, micro batch, grad accum) at this worker count and global batch."""
     layout_steps: PositiveInt = 10
     """Optimizer steps each layout runs (train.steps of a layout sweep)."""
-    layout_memory_gb: float | None = Field(None, gt=0.0)
-    """Layouts whose memory estimate per rank (`raytron info`: weights, grads, optimizer state) exceeds this are left out."""
     export_best: bool = False
     """Export the best trial's final checkpoint and register it in MLflow, tagged with sweep, trial and run."""

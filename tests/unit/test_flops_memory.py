@@ -12,7 +12,8 @@ import torch
 from raytron.config import load_config
 from raytron.model.flops import flops_per_token, mfu, peak_bf16_flops
 from raytron.model.gpt import count_parameters
-from raytron.model.memory import memory_per_rank_bytes, parameters_per_stage
+from raytron.model.memory import memory_per_rank_bytes, over_memory_limit, parameters_per_stage
+from raytron.train.cluster import ResourceError, ensure_resources
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 TINY = CONFIGS / "tiny_smoke.yaml"
@@ -132,3 +133,12 @@ def test_fp32_uses_16_bytes_and_zero3_partitions_everything():
     params = breakdown["parameters_per_rank"]
     assert params == count_parameters(cfg.model)
     assert total == 16 * -(-params // 4)
+
+
+def test_a_run_over_memory_per_worker_fails_before_it_asks_ray_for_anything():
+    needed_gb = memory_per_rank_bytes(load_config(TINY))[0] / 2**30
+    assert over_memory_limit(load_config(TINY)) is None  # no limit given
+    assert over_memory_limit(load_config(TINY, [f"resources.memory_per_worker_gb={needed_gb * 1.01}"])) is None
+    tight = load_config(TINY, [f"resources.memory_per_worker_gb={needed_gb / 2}"])
+    with pytest.raises(ResourceError, match=r"needs .* GB per rank .* resources.memory_per_worker_gb is"):
+        ensure_resources(tight)  # no Ray cluster here: the check comes first

@@ -49,8 +49,9 @@ def test_layout_sweep_runs_each_layout_for_layout_steps_ranked_by_throughput():
 
 def test_memory_limit_leaves_out_layouts_that_do_not_fit():
     everything, _ = valid_layouts(load_config(LAYOUT_EXAMPLE))
-    tight, invalid = valid_layouts(load_config(LAYOUT_EXAMPLE, ["tune.layout_memory_gb=0.0004"]))
+    tight, invalid = valid_layouts(load_config(LAYOUT_EXAMPLE, ["resources.memory_per_worker_gb=0.0004"]))
     assert 0 < len(tight) < len(everything)  # unsharded layouts (dp only, ZeRO 0) hold the whole model per rank
-    assert all("tune.layout_memory_gb" in why for _, why in invalid if "GB" in why)
+    too_big = [why for _, why in invalid if "GB" in why]
+    assert too_big and all("resources.memory_per_worker_gb is 0.0004" in why for why in too_big)
     with pytest.raises(ConfigError, match="no valid layout"):
-        layout_sweep(load_config(LAYOUT_EXAMPLE, ["tune.layout_memory_gb=1.0e-9"]))
+        layout_sweep(load_config(LAYOUT_EXAMPLE, ["resources.memory_per_worker_gb=1.0e-9"]))

@@ -61,6 +61,17 @@ def parameters_per_stage(cfg: RaytronConfig) -> list[int]:
     return stages
 
 
+def over_memory_limit(cfg: RaytronConfig) -> str | None:
+    """Why the busiest rank's estimate does not fit ``resources.memory_per_worker_gb``; None when it fits or no
+    limit is given. The estimate leaves activations out (they depend on the batch and on recomputation)."""
+    limit = cfg.resources.memory_per_worker_gb
+    needed = memory_per_rank_bytes(cfg)[0] / 2**30
+    if limit is None or needed <= limit:
+        return None
+    return (f"needs {needed:.3g} GB per rank for weights, grads and optimizer state (`raytron info`), "
+            f"resources.memory_per_worker_gb is {limit:g}")
+
+
 def memory_per_rank_bytes(cfg: RaytronConfig) -> tuple[int, dict[str, int]]:
     """Bytes of weights + grads + optimizer state on the busiest rank, and its breakdown
     (weights, grads, optimizer, parameters_per_rank, stage)."""

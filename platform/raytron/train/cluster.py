@@ -12,6 +12,7 @@ from typing import Iterator
 import ray
 
 from raytron.config import RaytronConfig
+from raytron.model.memory import over_memory_limit
 from raytron.train.capacity import Capacity, ResourceError, require_capacity, waiting_for
 
 __all__ = ["ResourceError", "connect", "ensure_resources", "reporting_scale_up", "worker_bundle", "worker_resources"]
@@ -65,6 +66,9 @@ def worker_bundle(cfg: RaytronConfig) -> dict[str, float]:
 def ensure_resources(cfg: RaytronConfig) -> Capacity:
     """Fail now, naming the fields, when even the largest cluster the autoscaler can make cannot host the run,
     instead of letting Ray wait forever for a placement; say what is waited for when nodes must come up."""
+    too_big = over_memory_limit(cfg)
+    if too_big:
+        raise ResourceError(f"this run does not fit its workers: {too_big}")
     workers, res = cfg.world_size, cfg.resources
     what = (f"{workers} workers (parallel.dp x pp x tp) x resources.cpus_per_worker={res.cpus_per_worker:g}, "
             f"resources.gpus_per_worker={res.gpus_per_worker:g}, resources.custom={dict(res.custom)}, "

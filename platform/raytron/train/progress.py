@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+PROGRESS_LINE_REGEX = r"\] step \d+/\d+  loss "
+"""Matches every progress line (after its ``[run] `` prefix), so Ray's log deduplication can leave them alone."""
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(round(seconds))

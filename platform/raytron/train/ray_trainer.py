@@ -32,6 +32,12 @@ from raytron.train.progress import ProgressLine
 from raytron.train.prometheus import TrainingGauges
 from raytron.train.ray_session import RayDatasetSource, RaySession
 
+progress_log = logging.getLogger("raytron.progress")
+"""Rank 0's progress lines. Through a logger, not print: Ray Train patches print in its workers to log
+*and*, whenever sys.stdout is wrapped (as in a `ray job submit` driver's workers), print again, so a
+printed line reached the console twice; Train's root-logger handlers give it once, to the console and
+its worker log file."""
+
 
 class TrainingStopped(RuntimeError):
     pass
@@ -104,7 +110,7 @@ def _rank_zero_publisher(payload: dict, cfg: RaytronConfig):
     def publish(metrics: dict, step: int) -> None:
         gauges.publish(metrics)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            print(progress.line(metrics), flush=True)
+            progress_log.info(progress.line(metrics))
         if sender is None:
             return
         pending.append((metrics, step, int(time.time() * 1000)))

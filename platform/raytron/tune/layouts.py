@@ -3,8 +3,8 @@ configured worker count at the configured global batch.
 
 A layout is valid when dp x pp x tp is the worker count, micro batch x grad accum x dp is the global batch,
 and the config it gives passes the same checks as any run (layers % pp, heads % tp, ffn % tp, ZeRO with pp,
-...), plus, when ``tune.layout_memory_gb`` is given, the memory estimate of `raytron info` (weights, grads,
-optimizer state per rank) fits in it. Each layout runs ``tune.layout_steps`` steps; trials are ranked by
+...), plus, when ``resources.memory_per_worker_gb`` is given, the memory estimate of `raytron info` (weights,
+grads, optimizer state per rank) fits in it. Each layout runs ``tune.layout_steps`` steps; trials are ranked by
 tokens/s.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from raytron.config import ConfigError, RaytronConfig
-from raytron.model.memory import memory_per_rank_bytes
+from raytron.model.memory import over_memory_limit
 from raytron.tune.space import trial_config
 
 LAYOUT_KEYS = ("parallel.dp", "parallel.pp", "parallel.tp", "train.micro_batch_size", "train.grad_accum_steps")
@@ -48,10 +48,9 @@ def valid_layouts(cfg: RaytronConfig) -> tuple[list[dict[str, int]], list[tuple[
         except ConfigError as error:
             invalid.append((layout, str(error).split("\n", 1)[-1].strip()))
             continue
-        limit = cfg.tune.layout_memory_gb
-        needed = memory_per_rank_bytes(trial)[0] / 2**30
-        if limit is not None and needed > limit:
-            invalid.append((layout, f"needs {needed:.1f} GB per rank, tune.layout_memory_gb is {limit:g}"))
+        too_big = over_memory_limit(trial)
+        if too_big:
+            invalid.append((layout, too_big))
             continue
         valid.append(layout)
     return valid, invalid

@@ -1,7 +1,7 @@
 """Test-only fault injection, set in the driver's environment and forwarded to the workers with the
 train loop config. Once (the marker file records that it happened), after that step, that rank's worker:
 
-  RAYTRON_FAULT=rank:step:marker        dies (``os._exit``): a crashed worker process;
+  RAYTRON_FAULT=rank:step:marker        dies (``os._exit``) a few seconds later: a crashed worker process;
   RAYTRON_FAULT=hang:rank:step:marker   stops making progress until something kills it, so a test can
                                         take its node away while the run is provably mid-way.
 
@@ -19,6 +19,9 @@ import ray
 
 ENV_VAR = "RAYTRON_FAULT"
 HANG = "hang:"
+EXIT_DELAY_S = 6.0
+"""Before dying: three of Ray Train's 2 s polls of the workers' reports, so the controller has registered the
+checkpoint reported before the fault and a test knows which checkpoint the restarted group starts from."""
 
 
 def maybe_crash(spec: str | None, rank: int, step: int) -> None:
@@ -34,6 +37,7 @@ def maybe_crash(spec: str | None, rank: int, step: int) -> None:
     Path(f"{marker}.part").write_text(json.dumps(record))
     os.replace(f"{marker}.part", marker)
     if not hang:
+        time.sleep(EXIT_DELAY_S)
         os._exit(1)
     while True:  # until the node (or the test's timeout) kills this process
         time.sleep(60)

@@ -41,7 +41,7 @@ PARTIAL_SUFFIX = ".partial"
 GENERATE_BATCH = 64
 """Generate's decode batch: four times serving's default (16). Offline work is bound by throughput, not
 by any one request's latency, so it decodes more sequences per step; in one process on these 2 CPU
-cores, 256 requests of the bench model ran 1.10-1.19x faster at 64 than at 32 (bench/README.md,
+cores, 256 requests of the bench model ran 1.08-1.30x faster at 64 than at 32 (bench/README.md,
 issue 14). The KV cache grows with it (slots x context): lower it for long contexts on little memory."""
 
 

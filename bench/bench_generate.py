@@ -7,10 +7,11 @@ default generate's GENERATE_BATCH), both named in the output.
 
 The endpoint gets --clients concurrent clients (default: as many as its batch, which keeps every slot
 busy) sending non-streamed requests one after another (what offline work would do through HTTP); the
-requests are dealt out to them in turn. Generate reads the same requests as one JSONL file and writes
-one. Throughput = completion tokens / wall time (for generate: from Ray Data's start to the written
-file, what `raytron generate` takes once connected). Rounds alternate the two; the ratio is per round,
-then the median. Both must give the same texts (seeded, batch-invariant engine): checked and printed.
+requests are dealt out to them in turn. Generate reads the same requests as --files JSONL files
+(default 1; consecutive slices, one actor pool for all of them) and writes as many. Throughput =
+completion tokens / wall time (for generate: from Ray Data's start to the last written file, what
+`raytron generate` takes once connected). Rounds alternate the two; the ratio is per round, then the
+median. Both must give the same texts (seeded, batch-invariant engine): checked and printed.
 
     .venv/bin/python bench/bench_generate.py    # about 3 minutes on 2 shared cores
 """
@@ -41,6 +42,7 @@ def endpoint_round(port: int, path: str, plans: list[list[dict]]) -> tuple[float
 
 def generate_round(folder: Path, records: Path, output: Path, threads: int,
                    batch: int) -> tuple[float, int, dict[int, str]]:
+    """``records``: the folder of input files."""
     from raytron.serve.batch_generate import GenerateConfig, run_generate
 
     cfg = GenerateConfig(model={"source": str(folder), "name": "bench"}, input=str(records), output=str(output),
@@ -50,8 +52,8 @@ def generate_round(folder: Path, records: Path, output: Path, threads: int,
     start = time.perf_counter()
     summary = run_generate(cfg)
     seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in (output / f"{records.stem}.jsonl").read_text().splitlines()]
-    return seconds, summary[0]["tokens"], {row["seed"]: row["text"] for row in rows}
+    rows = [json.loads(line) for entry in summary for line in Path(entry["output"]).read_text().splitlines()]
+    return seconds, sum(entry["tokens"] for entry in summary), {row["seed"]: row["text"] for row in rows}
 
 
 def main() -> None:
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default --endpoint-batch)")
     parser.add_argument("--generate-batch", type=int, default=GENERATE_BATCH, help="generate's limits.max_batch_size")
     parser.add_argument("--threads", type=int, default=2, help="CPUs and torch threads of the replica / the actor")
+    parser.add_argument("--files", type=int, default=1, help="input files the requests are split into for generate")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import ray
@@ -78,12 +81,15 @@ def main() -> None:
                     for body in plan]
         clients = args.clients or args.endpoint_batch
         plans = [requests[client::clients] for client in range(clients)]
-        records = Path(tmp) / "in" / "requests.jsonl"
-        records.parent.mkdir()
-        records.write_text("".join(json.dumps({"prompt": b["prompt"], "seed": b["seed"]}) + "\n"
-                                   for b in requests))
+        records = Path(tmp) / "in"
+        records.mkdir()
+        per_file = -(-len(requests) // args.files)
+        for file in range(args.files):
+            (records / f"requests-{file:03d}.jsonl").write_text("".join(
+                json.dumps({"prompt": b["prompt"], "seed": b["seed"]}) + "\n"
+                for b in requests[file * per_file:(file + 1) * per_file]))
         port = 8124
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": HOST, "port": port})
         endpoint = serve_config(folder, args.endpoint_batch, args.threads)
         endpoint["deployment"]["max_ongoing_requests"] = max(64, clients)  # every client's request reaches the engine
@@ -91,7 +97,8 @@ def main() -> None:
         path = "/ep/v1/completions"
         plain_request(port, path, plans[0][0])  # warm-up
         print(f"{len(requests)} requests x max_tokens {MAX_TOKENS}; endpoint: max_batch_size {args.endpoint_batch}, "
-              f"{clients} concurrent clients; generate: max_batch_size {args.generate_batch}", flush=True)
+              f"{clients} concurrent clients; generate: max_batch_size {args.generate_batch}, {args.files} input file(s)",
+              flush=True)
         ratios = []
         for round_ in range(1, args.rounds + 1):
             ep_s, ep_tokens, ep_texts = endpoint_round(port, path, plans)

@@ -1,7 +1,7 @@
 """`raytron generate` on moto's S3: one output per input file, texts equal to the server's for the same
-seeds (the in-process generate the server is tested against), chats rendered by the server's
-template, Parquet in and out, bad records skipped or failing by file and line, and a rerun after a
-SIGKILL that keeps finished files and completes the rest."""
+seeds (the in-process generate the server is tested against), one actor pool for all the files of a
+run, chats rendered by the server's template, Parquet in and out, bad records skipped or failing by
+file and line, and a rerun after a SIGKILL that keeps finished files and completes the rest."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -49,6 +50,14 @@ def config(folder, root: str, **changes) -> GenerateConfig:
                           limits={"context": 128, "max_batch_size": 4}, num_cpus_per_actor=0.5, **changes)
 
 
+def generation_actors() -> set[str]:
+    """Ids of the Ray Data actors ever started around a GenerationWorker in this cluster (dead ones too)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(limit=10_000, raise_on_missing_output=False)
+            if "GenerationWorker" in a.class_name}
+
+
 def test_generate_writes_one_output_per_input_and_resumes(ray_cluster, s3_server, monkeypatch, folder):
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
@@ -58,11 +67,16 @@ def test_generate_writes_one_output_per_input_and_resumes(ray_cluster, s3_server
     chats = [{"messages": [{"role": "user", "content": TEXTS[3]}], "seed": 7},
              {"messages": [{"role": "robot", "content": "hi"}], "seed": 8}]  # a role the server refuses
     write_bytes(f"{root}/in/a.jsonl", jsonl(prompts))
+    write_bytes(f"{root}/in/a2-empty.jsonl", b"")  # between the two: no record, an empty output
     write_bytes(f"{root}/in/b.jsonl", jsonl(chats))
     cfg = config(folder, root, on_bad_record="skip")
 
+    before = generation_actors()
     summary = run_generate(cfg)
-    assert [(row["status"], row["records"], row["bad"]) for row in summary] == [("written", 3, 0), ("written", 2, 1)]
+    assert [(row["status"], row["records"], row["bad"]) for row in summary] == [
+        ("written", 3, 0), ("written", 0, 0), ("written", 2, 1)]
+    assert len(generation_actors() - before) == cfg.actors  # one pool for all files: the model loaded once per actor
+    assert read_bytes(f"{root}/out/a2-empty.jsonl") == b""
     local = load_model(str(folder))
     written = read_jsonl(f"{root}/out/a.jsonl")
     params = dict(max_new_tokens=8, temperature=1.0, top_p=0.9)
@@ -78,13 +92,17 @@ def test_generate_writes_one_output_per_input_and_resumes(ray_cluster, s3_server
     finished = fs.get_file_info(path).mtime
     delete(f"{root}/out/b.jsonl")
     again = run_generate(cfg)
-    assert [(row["status"], row["bad"]) for row in again] == [("done before", None), ("written", 1)]
+    assert [(row["status"], row["bad"]) for row in again] == [("done before", None), ("done before", None), ("written", 1)]
     assert fs.get_file_info(path).mtime == finished
     assert read_jsonl(f"{root}/out/b.jsonl")[0]["text"] == chat["text"]
 
     strict = config(folder, root, on_bad_record="fail").model_copy(update={"output": f"{root}/strict"})
     with pytest.raises(BadRecordError, match="b.jsonl:2: messages.0.role"):
         run_generate(strict)
+    # the files before the bad record's are written, its own is not
+    assert read_jsonl(f"{root}/strict/a.jsonl") == written and read_bytes(f"{root}/strict/a2-empty.jsonl") == b""
+    strict_fs, strict_b = filesystem_for(f"{root}/strict/b.jsonl")
+    assert strict_fs.get_file_info(strict_b).type == pafs.FileType.NotFound
 
 
 def test_generate_cli_fails_at_once_on_a_missing_model(tmp_path):

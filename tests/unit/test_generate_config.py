@@ -20,7 +20,7 @@ def write(tmp_path, **extra):
 def test_generate_decodes_a_larger_batch_than_serving_by_default(tmp_path):
     cfg = load_generate_config(write(tmp_path))
     assert cfg.limits.max_batch_size == GENERATE_BATCH > Limits().max_batch_size
-    assert load_generate_config(write(tmp_path), ["limits.max_batch_size=64"]).limits.max_batch_size == 64
+    assert load_generate_config(write(tmp_path), ["limits.max_batch_size=8"]).limits.max_batch_size == 8
 
 
 @pytest.mark.parametrize("value", [0, -3, "many"])

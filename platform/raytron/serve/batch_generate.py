@@ -5,11 +5,13 @@ Each actor holds one engine (continuous batching inside it) and turns every reco
 request the server would get: the config's ``request`` parameters, then the record's ``prompt``
 or ``messages`` (and its own ``seed`` when it has one), parsed, prepared and sampled by the very
 code the server runs (``protocol``, ``prepare``, the chat template), so a seed gives the same text
-as the server. Input files are done one by one, each into an output file of the same stem,
-written whole (under a temporary name, then moved) once the file is done; a file whose output
-exists is skipped, so a rerun after a kill redoes only the files that had no output. A record the
-server would refuse, or a line that is no JSON object, follows ``on_bad_record``: 'fail' stops
-naming the file and line (nothing of that file is written), 'skip' writes its error instead.
+as the server. All the input files without an output yet go through one Dataset and one actor
+pool (each actor loads the model once for the whole run), in file order; each becomes an output
+file of the same stem, written whole (under a temporary name, then moved) as soon as its last
+record is back, while the later files still run. A file whose output exists is skipped, so a rerun
+after a kill redoes only the files that had no output. A record the server would refuse, or a line
+that is no JSON object, follows ``on_bad_record``: 'fail' stops naming the file and line (nothing of
+that file or any later one is written), 'skip' writes its error instead.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARTIAL_SUFFIX = ".partial"
 
 
-GENERATE_BATCH = 32
-"""Generate's decode batch: twice serving's default (16). Offline work is bound by throughput, not by
-any one request's latency, so it decodes more sequences per step; 32 beat 16 and 64 for the bench
-model on 2 CPU cores (bench/README.md, issue 14). Larger on a GPU, where a step's cost hardly grows."""
+GENERATE_BATCH = 64
+"""Generate's decode batch: four times serving's default (16). Offline work is bound by throughput, not
+by any one request's latency, so it decodes more sequences per step; in one process on these 2 CPU
+cores, 256 requests of the bench model ran 1.08-1.30x faster at 64 than at 32 (bench/README.md,
+issue 14). The KV cache grows with it (slots x context): lower it for long contexts on little memory."""
 
 
 class GenerateLimits(Limits):
@@ -100,14 +103,18 @@ class GenerationWorker:
                              vocab_size=self.vocab_size, end_ids=loaded.end_ids)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        """A block of (record, where, problem) -> one column ``row``: each output row as JSON text
-        (records differ in their fields, so no Arrow schema would fit them all)."""
-        rows = [self._prepare(*entry) for entry in zip(*(batch.column(n).to_pylist() for n in SCHEMA.names))]
-        if self.cfg.on_bad_record == "fail" and any(isinstance(r, dict) for r in rows):
-            rows = [r for r in rows if isinstance(r, dict)]  # the driver stops at the first: generate nothing
+        """A batch of the source's columns (generate_source.SCHEMA) -> ``row``, each output row as JSON
+        text (records differ in their fields, so no Arrow schema would fit them all), with the
+        input's ``file`` and ``last``."""
+        entries = list(zip(*(batch.column(n).to_pylist() for n in SCHEMA.names)))
+        rows = [self._prepare(record, where, problem) for record, where, problem, _, _ in entries]
+        if self.cfg.on_bad_record == "fail":  # the driver stops at the first bad record: nothing after it is needed
+            bad = next((n for n, r in enumerate(rows) if isinstance(r, dict)), len(rows))
+            entries, rows = entries[:bad + 1], rows[:bad + 1]
         done = await self._complete_all([r for r in rows if not isinstance(r, dict)])
         out = [r if isinstance(r, dict) else next(done) for r in rows]
-        return pa.table({"row": [json.dumps(r) for r in out]})
+        return pa.table({"row": [json.dumps(r) for r in out], "file": [e[3] for e in entries],
+                         "last": [e[4] for e in entries]})
 
     def _prepare(self, record: str | None, where: str, problem: str | None) -> dict | tuple[dict, list]:
         """The record and the engine's choices for it, or its output row with the error (a dict)."""
@@ -186,43 +193,65 @@ def _write(cfg: GenerateConfig, url: str, rows: list[dict]) -> None:
     fs.move(path + PARTIAL_SUFFIX, path)
 
 
-def _generate_file(cfg: GenerateConfig, source: str) -> list[dict]:
-    """Every record of one input file through the actor pool, in file order."""
+def _outputs(cfg: GenerateConfig, sources: list[str]) -> Iterator[tuple[int, list[dict]]]:
+    """(index in ``sources``, its output rows in file order) for each file as soon as it is done, in
+    order: every record through one actor pool, the files in one Dataset. Under on_bad_record 'fail'
+    the first bad record raises BadRecordError naming its file and line."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    dataset = ray.data.read_datasource(GenerateDatasource(source)).map_batches(
+    dataset = ray.data.read_datasource(GenerateDatasource(sources)).map_batches(
         GenerationWorker, fn_constructor_kwargs={"config": cfg.model_dump(mode="json")},
         batch_size=cfg.limits.max_batch_size, batch_format="pyarrow",  # a few calls run at once: see GenerationWorker
         compute=ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.num_cpus_per_actor)
     dataset.context.enable_progress_bars = True  # the read and the pool's bars on the console
-    return [json.loads(row["row"]) for row in dataset.take_all()]
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))  # blocks as they come, in order
+    rows: list[dict] = []  # of the file being collected (order is preserved: one file at a time)
+    next_file = 0
+    try:
+        for batch in batches:
+            for text, file, last in zip(*(batch.column(n).to_pylist() for n in ("row", "file", "last"))):
+                for empty in range(next_file, file):  # files before this one that held no record
+                    yield empty, []
+                row = json.loads(text)
+                if row["error"] is not None and cfg.on_bad_record == "fail":  # the worker left out what follows
+                    raise BadRecordError(f"bad input record at {row['error']} "
+                                         "(set on_bad_record: skip to write its error and go on)")
+                rows.append(row)
+                next_file = file
+                if last:
+                    yield file, rows
+                    rows, next_file = [], file + 1
+    finally:
+        batches.close()  # a stop at a bad record ends the pool now, not when garbage collected
+    for empty in range(next_file, len(sources)):
+        yield empty, []
 
 
 def run_generate(cfg: GenerateConfig) -> list[dict[str, Any]]:
     """Generate for every input file without an output yet (Ray must be connected); one summary row
-    per input file (with the decode batch it ran at). Under on_bad_record 'fail' the first bad record raises BadRecordError naming
-    its file and line, and that file's output is not written."""
+    per input file (with the decode batch it ran at; ``seconds`` from the start to the file written).
+    Under on_bad_record 'fail' the first bad record raises BadRecordError naming its file and line,
+    and neither its file nor a later one is written."""
     import ray.data
 
     from raytron.storage import filesystem_for
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # outputs in input order
-    summary = []
+    summary, pending = [], []
     for source in input_files(cfg.input):
         target = output_for(cfg, source)
         fs, path = filesystem_for(target)
         entry = {"input": source, "output": target, "records": None, "bad": None, "tokens": None, "seconds": None,
-                 "max_batch_size": cfg.limits.max_batch_size}
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            summary.append({**entry, "status": "done before"})
-            continue
-        started = time.perf_counter()
-        rows = _generate_file(cfg, source)
-        bad = [row["error"] for row in rows if row["error"] is not None]
-        if bad and cfg.on_bad_record == "fail":
-            raise BadRecordError(f"bad input record at {bad[0]} (set on_bad_record: skip to write its error and go on)")
-        _write(cfg, target, rows)
-        summary.append({**entry, "records": len(rows), "bad": len(bad), "tokens": sum(r["completion_tokens"] for r in rows),
-                        "seconds": time.perf_counter() - started, "status": "written"})
+                 "max_batch_size": cfg.limits.max_batch_size, "status": "done before"}
+        summary.append(entry)
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            pending.append(entry)
+    started = time.perf_counter()
+    for file, rows in _outputs(cfg, [entry["input"] for entry in pending]) if pending else ():
+        entry = pending[file]
+        _write(cfg, entry["output"], rows)
+        entry.update(records=len(rows), bad=sum(r["error"] is not None for r in rows),
+                     tokens=sum(r["completion_tokens"] for r in rows), seconds=time.perf_counter() - started,
+                     status="written")
     return summary

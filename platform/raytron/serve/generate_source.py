@@ -1,18 +1,21 @@
-"""The records of one ``raytron generate`` input file as a Ray Data source, each named by where it is.
+"""The records of ``raytron generate``'s input files as one Ray Data source, each named by where it is.
 
-A read task reads its file (JSONL or Parquet) and yields Arrow blocks of three columns: ``record``
-(the record as JSON text; null for a bad one), ``where`` (``<url>:<line>``, Parquet ``<url>:row
-<n>``) and ``problem`` (null, or ``<where>: <what>`` for a line that is not a JSON object). Readers
-never raise for bad content: the worker applies ``on_bad_record``, so the first problem reported
-is the first in file order. With ``preserve_order`` blocks arrive in file order.
+One read task per file (JSONL or Parquet) yields Arrow blocks of five columns: ``record`` (the
+record as JSON text; null for a bad one), ``where`` (``<url>:<line>``, Parquet ``<url>:row <n>``),
+``problem`` (null, or ``<where>: <what>`` for a line that is not a JSON object), ``file`` (the
+file's index in the source's list) and ``last`` (true on the file's last record only: the driver
+writes a file as soon as that record is back, without waiting for the next file). Readers never
+raise for bad content: the worker applies ``on_bad_record``, so the first problem reported is the
+first in file order. With ``preserve_order`` blocks arrive in file order, files in list order.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
@@ -21,7 +24,8 @@ from raytron.storage import filesystem_for
 
 # Records per block: a block is one map_batches call's worth of prompts for an engine or two.
 BLOCK_RECORDS = 256
-SCHEMA = pa.schema([("record", pa.string()), ("where", pa.string()), ("problem", pa.string())])
+SCHEMA = pa.schema([("record", pa.string()), ("where", pa.string()), ("problem", pa.string()),
+                    ("file", pa.int32()), ("last", pa.bool_())])
 
 
 def _jsonl(raw: bytes, url: str) -> Iterator[tuple[str | None, str, str | None]]:
@@ -46,38 +50,40 @@ def _parquet(handle: pa.NativeFile, url: str) -> Iterator[tuple[str | None, str,
         yield json.dumps({key: value for key, value in row.items() if value is not None}), f"{url}:row {number}", None
 
 
-def _table(rows: list[tuple]) -> pa.Table:
-    return pa.table(list(map(list, zip(*rows))), schema=SCHEMA)
+def _table(rows: list[tuple], file: int, ends_file: bool) -> pa.Table:
+    columns = list(map(list, zip(*rows)))
+    return pa.table(columns + [[file] * len(rows), [False] * (len(rows) - 1) + [ends_file]], schema=SCHEMA)
+
+
+def _reader(url: str, fs: pafs.FileSystem, path: str, file: int) -> Callable[[], Iterator[pa.Table]]:
+    def read() -> Iterator[pa.Table]:
+        with fs.open_input_file(path) as handle:
+            rows = _parquet(handle, url) if url.endswith(".parquet") else _jsonl(handle.read(), url)
+            block: list[tuple] = []
+            for row in rows:
+                if len(block) == BLOCK_RECORDS:  # a full block, and more to come: not the file's last record
+                    yield _table(block, file, ends_file=False)
+                    block = []
+                block.append(row)
+            if block:
+                yield _table(block, file, ends_file=True)
+    return read
 
 
 class GenerateDatasource(Datasource):
-    """One input file (``url``); one read task."""
+    """The input files ``urls`` in this order; one read task each."""
 
-    def __init__(self, url: str):
+    def __init__(self, urls: list[str]):
         super().__init__()
-        self.url = url
-        self.fs, self.path = filesystem_for(url)  # pickled into the task: workers may lack the driver's AWS env
+        # (url, filesystem, path) pickled into the tasks: workers may lack the driver's AWS env
+        self.files = [(url, *filesystem_for(url)) for url in urls]
 
     def estimate_inmemory_data_size(self) -> int:
-        return self.fs.get_file_info(self.path).size
+        return sum(fs.get_file_info(path).size for _, fs, path in self.files)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        url, fs, path = self.url, self.fs, self.path
-
-        def read() -> Iterator[pa.Table]:
-            with fs.open_input_file(path) as handle:
-                rows = _parquet(handle, url) if url.endswith(".parquet") else _jsonl(handle.read(), url)
-                block: list[tuple] = []
-                for row in rows:
-                    block.append(row)
-                    if len(block) == BLOCK_RECORDS:
-                        yield _table(block)
-                        block = []
-                if block:
-                    yield _table(block)
-
-        size = self.estimate_inmemory_data_size()
-        return [ReadTask(read, BlockMetadata(None, size, None, None), schema=SCHEMA,
-                         per_task_row_limit=per_task_row_limit)]
+        return [ReadTask(_reader(url, fs, path, file), BlockMetadata(None, fs.get_file_info(path).size, None, None),
+                         schema=SCHEMA, per_task_row_limit=per_task_row_limit)
+                for file, (url, fs, path) in enumerate(self.files)]
 
